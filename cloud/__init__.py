@@ -1,0 +1,1 @@
+"""Cloud: Ray Serve application turning fleet code streams into sound events."""

@@ -1,0 +1,1 @@
+"""soundfleet command line, configuration and the one-command demo."""
