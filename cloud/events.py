@@ -1,0 +1,86 @@
+"""Event logic: per-label thresholds with hysteresis, minimum duration and cooldown.
+
+Pure Python with state as a plain dataclass, so replicas stay stateless: the
+state of each (device, label) lives in Redis between windows.
+
+An event starts after ``min_windows`` consecutive windows score at least
+``on_threshold``, stays active while the score stays at least
+``off_threshold`` (hysteresis: a brief dip does not split it), and is emitted,
+with its start and end, when it closes. After it closes the same label cannot
+start again on that device for ``cooldown_ns``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EventPolicy:
+    on_threshold: float = 0.5
+    off_threshold: float = 0.3
+    min_windows: int = 1
+    cooldown_ns: int = 2_000_000_000
+
+
+@dataclass
+class LabelState:
+    streak: int = 0  # consecutive windows >= on_threshold while inactive
+    active: bool = False
+    start_ns: int = 0
+    end_ns: int = 0
+    peak: float = 0.0
+    seq_first: int = 0
+    seq_last: int = 0
+    cooldown_until_ns: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LabelState":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ClosedEvent:
+    start_ns: int
+    end_ns: int
+    score: float  # peak window probability
+    seq_first: int
+    seq_last: int
+
+
+def step(
+    state: LabelState, policy: EventPolicy, score: float, start_ns: int, end_ns: int, seq: int
+) -> ClosedEvent | None:
+    """Advance one label's state by one window; returns an event when one closes."""
+    if state.active:
+        if score >= policy.off_threshold:
+            state.end_ns, state.seq_last = end_ns, seq
+            state.peak = max(state.peak, score)
+            return None
+        return close(state, policy)
+    if score < policy.on_threshold or start_ns < state.cooldown_until_ns:
+        state.streak = 0
+        return None
+    if state.streak == 0:  # the event's start is the first window above the threshold
+        state.start_ns, state.seq_first, state.peak = start_ns, seq, 0.0
+    state.streak += 1
+    state.end_ns, state.seq_last = end_ns, seq
+    state.peak = max(state.peak, score)
+    if state.streak >= policy.min_windows:
+        state.active = True
+    return None
+
+
+def close(state: LabelState, policy: EventPolicy) -> ClosedEvent | None:
+    """Close an active event (also used when a device goes offline)."""
+    if not state.active:
+        state.streak = 0
+        return None
+    event = ClosedEvent(state.start_ns, state.end_ns, state.peak, state.seq_first, state.seq_last)
+    state.active, state.streak = False, 0
+    state.cooldown_until_ns = state.end_ns + policy.cooldown_ns
+    return event

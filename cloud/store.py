@@ -1,0 +1,154 @@
+"""Everything the cloud keeps in Redis, behind one small class.
+
+Keys (all under the configured prefix, default ``sf:``)::
+
+    dev:{site}:{device}      hash   last_seq, status, model/codebook, counters
+    ctx:{site}:{device}      string the latest codes (uint16 LE), the code LM's context
+    evstate:{site}:{device}  hash   label -> JSON LabelState (event logic)
+    events                   stream one entry per event (JSON + filter fields)
+    deadletter               stream rejected payloads with the reason
+    metrics                  hash   counters: received, accepted, rejected:<reason>, ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+from cloud.events import LabelState
+from shared_models.wire import SoundEvent
+
+log = logging.getLogger(__name__)
+
+DEADLETTER_MAXLEN = 10_000
+DEADLETTER_PAYLOAD_BYTES = 64 * 1024
+
+# Atomically: drop a duplicate, append codes to the context (trimmed to its
+# maximum length), record the seq. A seq of 0 after a higher one means the
+# agent restarted with fresh state: its context starts again.
+ACCEPT_FRAMES = """
+local last = redis.call('HGET', KEYS[1], 'last_seq')
+local seq = tonumber(ARGV[1])
+local gap = 0
+if last then
+  last = tonumber(last)
+  if seq <= last then
+    if seq == 0 and last > 0 then
+      redis.call('DEL', KEYS[2])
+      redis.call('HINCRBY', KEYS[1], 'restarts', 1)
+    else
+      return {0, '', 0}
+    end
+  elseif seq > last + 1 then
+    gap = seq - last - 1
+  end
+end
+local ctx = (redis.call('GET', KEYS[2]) or '') .. ARGV[2]
+local max_bytes = tonumber(ARGV[3])
+if #ctx > max_bytes then ctx = string.sub(ctx, -max_bytes) end
+redis.call('SET', KEYS[2], ctx)
+redis.call('HSET', KEYS[1], 'last_seq', seq, 'last_frame_ns', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'frames', ARGV[5])
+return {1, ctx, gap}
+"""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    context: np.ndarray  # (T,) uint16 codes, oldest first, ending with this message's codes
+    gap: int  # messages missing before this one (0 when in order)
+
+
+class CloudStore:
+    def __init__(self, url: str, prefix: str = "sf:", events_maxlen: int = 100_000):
+        self.r = redis.Redis.from_url(url, socket_timeout=10)
+        self.prefix = prefix
+        self.events_maxlen = events_maxlen
+        self._accept = self.r.register_script(ACCEPT_FRAMES)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    # --- frames --------------------------------------------------------------
+    def accept_frames(self, site: str, device: str, seq: int, codes: np.ndarray, t_end_ns: int, context_frames: int) -> Accepted | None:
+        """Append a message's codes to the device context; None for a duplicate."""
+        ok, ctx, gap = self._accept(
+            keys=[self.key("dev", site, device), self.key("ctx", site, device)],
+            args=[seq, codes.astype("<u2").tobytes(), 2 * context_frames, t_end_ns, len(codes)],
+        )
+        if not ok:
+            self.count("duplicates")
+            return None
+        if gap:
+            self.count("gaps", gap)
+        return Accepted(np.frombuffer(ctx, dtype="<u2").copy(), int(gap))
+
+    # --- device status ------------------------------------------------------
+    def set_status(self, site: str, device: str, status: dict) -> None:
+        self.r.hset(self.key("dev", site, device), mapping={f"status_{k}": str(v) for k, v in status.items()})
+
+    def devices(self) -> list[dict]:
+        out = []
+        for key in self.r.scan_iter(match=self.key("dev", "*"), count=500):
+            site, device = key.decode()[len(self.prefix) :].split(":")[1:3]
+            fields = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
+            out.append({"site": site, "device": device, **fields})
+        return sorted(out, key=lambda d: (d["site"], d["device"]))
+
+    # --- event logic state --------------------------------------------------
+    def load_label_states(self, site: str, device: str) -> dict[str, LabelState]:
+        raw = self.r.hgetall(self.key("evstate", site, device))
+        return {k.decode(): LabelState.from_dict(json.loads(v)) for k, v in raw.items()}
+
+    def save_label_states(self, site: str, device: str, states: dict[str, LabelState]) -> None:
+        if states:
+            mapping = {label: json.dumps(s.to_dict()) for label, s in states.items()}
+            self.r.hset(self.key("evstate", site, device), mapping=mapping)
+
+    # --- outputs --------------------------------------------------------------
+    def append_event(self, event: SoundEvent) -> str:
+        fields = {"site": event.site, "device": event.device, "label": event.label, "json": event.to_bytes()}
+        entry_id = self.r.xadd(self.key("events"), fields, maxlen=self.events_maxlen, approximate=True)
+        self.count("events")
+        return entry_id.decode()
+
+    def events(self, site: str | None = None, device: str | None = None, label: str | None = None,
+               since_ns: int = 0, limit: int = 100) -> list[dict]:
+        """Newest first, filtered; scans back at most 10x ``limit`` entries."""
+        out = []
+        for _, fields in self.r.xrevrange(self.key("events"), count=limit * 10):
+            if (site and fields[b"site"].decode() != site) or (device and fields[b"device"].decode() != device):
+                continue
+            if label and fields[b"label"].decode() != label:
+                continue
+            event = json.loads(fields[b"json"])
+            if event["end_ns"] < since_ns:
+                continue
+            out.append(event)
+            if len(out) >= limit:
+                break
+        return out
+
+    def dead_letter(self, reason: str, topic: str, payload: bytes, detail: str = "") -> None:
+        self.r.xadd(
+            self.key("deadletter"),
+            {"reason": reason, "topic": topic, "detail": detail[:500], "t_ns": time.time_ns(),
+             "payload": payload[:DEADLETTER_PAYLOAD_BYTES]},
+            maxlen=DEADLETTER_MAXLEN,
+            approximate=True,
+        )
+        self.count(f"rejected:{reason}")
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.r.hincrby(self.key("metrics"), name, n)
+
+    def metrics(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self.key("metrics")).items()}

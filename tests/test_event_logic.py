@@ -1,0 +1,56 @@
+"""Event logic: thresholds, hysteresis, minimum duration, cooldown, and state round trip."""
+
+from cloud.events import EventPolicy, LabelState, close, step
+
+S = 1_000_000_000  # ns per second
+
+
+def run(scores, policy=EventPolicy()):
+    state, events = LabelState(), []
+    for i, score in enumerate(scores):
+        event = step(state, policy, score, i * S, (i + 1) * S, seq=i)
+        if event:
+            events.append(event)
+    return state, events
+
+
+def test_event_spans_windows_above_threshold_and_closes_below_off():
+    state, events = run([0.1, 0.8, 0.9, 0.7, 0.1])
+    assert len(events) == 1
+    event = events[0]
+    assert (event.start_ns, event.end_ns) == (1 * S, 4 * S)
+    assert (event.seq_first, event.seq_last) == (1, 3)
+    assert event.score == 0.9
+    assert not state.active
+
+
+def test_hysteresis_keeps_one_event_through_a_dip_between_thresholds():
+    _, events = run([0.9, 0.4, 0.9, 0.1], EventPolicy(on_threshold=0.5, off_threshold=0.3))
+    assert len(events) == 1 and events[0].end_ns == 3 * S
+
+
+def test_dip_below_off_threshold_splits_events_without_cooldown():
+    _, events = run([0.9, 0.1, 0.9, 0.1], EventPolicy(cooldown_ns=0))
+    assert [e.start_ns for e in events] == [0, 2 * S]
+
+
+def test_min_windows_suppresses_single_window_blips():
+    policy = EventPolicy(min_windows=2)
+    _, events = run([0.9, 0.1, 0.9, 0.9, 0.1], policy)
+    assert len(events) == 1 and events[0].start_ns == 2 * S
+
+
+def test_cooldown_blocks_restart_of_same_label():
+    policy = EventPolicy(cooldown_ns=3 * S)
+    _, events = run([0.9, 0.1, 0.9, 0.1, 0.1, 0.9, 0.1], policy)
+    # first event ends at 1 s -> cooldown until 4 s: the window at 2 s is ignored, the one at 5 s is not
+    assert [e.start_ns for e in events] == [0, 5 * S]
+
+
+def test_close_flushes_an_active_event_and_state_round_trips():
+    state, events = run([0.2, 0.95])
+    assert not events and state.active
+    restored = LabelState.from_dict(state.to_dict())
+    event = close(restored, EventPolicy())
+    assert event is not None and (event.start_ns, event.end_ns) == (1 * S, 2 * S)
+    assert close(restored, EventPolicy()) is None

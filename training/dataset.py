@@ -1,0 +1,73 @@
+"""Turn a labelled corpus into frame patches, frame labels and window labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared_models.constants import (
+    FRAMES_PER_SECOND,
+    HOP_SAMPLES,
+    NUM_LABELS,
+    PATCH_SAMPLES,
+    label_index,
+)
+from shared_models.synth import LabelledEvent
+from shared_models.wavio import read_wav
+from training.corpus import CorpusClip
+
+
+def frame_patches(audio: np.ndarray) -> np.ndarray:
+    """(S,) float32 -> (N, PATCH_SAMPLES) non-overlapping patches; a partial tail is dropped."""
+    n = len(audio) // HOP_SAMPLES
+    return audio[: n * PATCH_SAMPLES].reshape(n, PATCH_SAMPLES).astype(np.float32)
+
+
+def frame_labels(events: list[LabelledEvent], n_frames: int) -> np.ndarray:
+    """(N, L) float32 multi-hot: a frame is active when an event covers its centre."""
+    labels = np.zeros((n_frames, NUM_LABELS), dtype=np.float32)
+    centres_s = (np.arange(n_frames) + 0.5) / FRAMES_PER_SECOND
+    for ev in events:
+        active = (centres_s >= ev.onset_s) & (centres_s < ev.offset_s)
+        labels[active, label_index(ev.label)] = 1.0
+    return labels
+
+
+def window_targets(
+    frame_lab: np.ndarray, start: int, window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and loss weights for the window [start, start + window) of one clip.
+
+    Positive when the event fills at least half the window or at least half of
+    the event (short knocks and barks) lies inside it; negative when it does
+    not touch the window; in between is ambiguous and weighted 0.
+    """
+    inside = frame_lab[start : start + window].sum(axis=0)  # (L,)
+    total = frame_lab.sum(axis=0)  # (L,) frames per label in the whole clip
+    need = np.minimum(0.5 * window, 0.5 * np.maximum(total, 1))
+    target = (inside >= need).astype(np.float32)
+    weight = ((inside == 0) | (target == 1)).astype(np.float32)
+    return target, weight
+
+
+@dataclass
+class FramedClip:
+    patches: np.ndarray  # (N, PATCH_SAMPLES) float32
+    labels: np.ndarray  # (N, L) float32
+
+
+def load_framed(clips: list[CorpusClip]) -> list[FramedClip]:
+    framed = []
+    for clip in clips:
+        audio, _ = read_wav(clip.wav_path)
+        patches = frame_patches(audio)
+        framed.append(FramedClip(patches, frame_labels(clip.events, len(patches))))
+    return framed
+
+
+def split_clips(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train / held-out split of clip indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = max(1, int(round(n * holdout_fraction))) if n > 1 else 0
+    return sorted(order[n_hold:].tolist()), sorted(order[:n_hold].tolist())

@@ -1,0 +1,75 @@
+"""Export a trained model set: ONNX for the edge, weights for the cloud, a manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from shared_models import bundle
+from shared_models.codebook import EdgeEncoder
+from shared_models.constants import PATCH_SAMPLES
+from shared_models.wire import WIRE_VERSION
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+
+
+def export_edge_onnx(encoder: EdgeEncoder, path: Path, metadata: dict[str, str]) -> None:
+    """Export front end + VQ with a dynamic frame count and self-describing metadata."""
+    encoder = encoder.eval()
+    dummy = torch.zeros(40, PATCH_SAMPLES)
+    torch.onnx.export(
+        encoder,
+        (dummy,),
+        str(path),
+        input_names=["patches"],
+        output_names=["embeddings", "codes"],
+        dynamic_axes={"patches": {0: "frames"}, "embeddings": {0: "frames"}, "codes": {0: "frames"}},
+        opset_version=ONNX_OPSET,
+        dynamo=False,
+    )
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def write_bundle(
+    out_dir: Path,
+    encoder: EdgeEncoder,
+    centroids: np.ndarray,
+    cloud_state: dict[str, Any],
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
+    """Write edge.onnx, codebook.npy, cloud.pt and manifest.json into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_meta = {
+        "model_version": manifest["model_version"],
+        "wire_version": str(WIRE_VERSION),
+        "codebook_id": str(manifest["codebook_id"]),
+        "codebook_size": str(len(centroids)),
+        "data_sha256": manifest["training"]["data_sha256"],
+        "sample_rate_hz": str(manifest["sample_rate_hz"]),
+        "patch_samples": str(PATCH_SAMPLES),
+    }
+    export_edge_onnx(encoder, out_dir / bundle.EDGE_MODEL, onnx_meta)
+    np.save(out_dir / bundle.CODEBOOK, centroids.astype(np.float32))
+    torch.save(cloud_state, out_dir / bundle.CLOUD_WEIGHTS)
+    manifest = {
+        **manifest,
+        "bundle_format": bundle.BUNDLE_FORMAT,
+        "wire_version": WIRE_VERSION,
+        "sha256": {name: bundle.file_sha256(out_dir / name) for name in bundle.BUNDLE_FILES},
+    }
+    (out_dir / bundle.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info("wrote bundle %s (model %s)", out_dir, manifest["model_version"])
+    return manifest

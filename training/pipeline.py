@@ -1,0 +1,183 @@
+"""`soundfleet train`: front end -> codebook -> code LM -> classifier -> export.
+
+Each gradient-trained stage runs through Ray Train (see ``ray_stage``); k-means
+and the feature passes between stages run on the driver. The result is a
+self-describing bundle (see ``shared_models.bundle``) plus metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
+from shared_models.codebook import EdgeEncoder, codebook_id, kmeans, nearest_code
+from shared_models.constants import EVENT_LABELS, FRAMES_PER_SECOND, SAMPLE_RATE_HZ
+from shared_models.detector import classify_windows, lm_window_states
+from shared_models.frontend import FrontEndConfig, LearnedFrontEnd
+from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
+from soundfleet.config import TrainConfig
+from training import stages
+from training.corpus import corpus_hash, load_corpus
+from training.dataset import FramedClip, load_framed, split_clips, window_targets
+from training.evaluate import window_metrics
+from training.export import write_bundle
+from training.ray_stage import StageSpec, fit_stage
+
+log = logging.getLogger(__name__)
+
+SEGMENT_FRAMES = 2 * FRAMES_PER_SECOND  # front-end training segments: 2 s
+TRAIN_WINDOW_STRIDE = 4  # frames between classifier training windows (100 ms)
+
+
+def train_all(data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = "") -> dict[str, Any]:
+    """Train every model on the corpus at ``data_dir`` and write a bundle to ``out_dir``."""
+    import ray
+
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    storage = Path(cfg.storage_path or out_dir / "ray_runs").resolve()
+    clips = load_corpus(Path(data_dir))
+    framed = load_framed(clips)
+    train_idx, hold_idx = split_clips(len(framed), cfg.holdout_fraction, cfg.seed)
+    log.info("corpus %s: %d clips (%d train, %d held out)", data_dir, len(framed), len(train_idx), len(hold_idx))
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    use_gpu = None if cfg.use_gpu == "auto" else cfg.use_gpu == "true"
+    run = dict(workers=cfg.workers, storage_path=storage, use_gpu=use_gpu)
+    torch.manual_seed(cfg.seed)
+
+    # 1. front end
+    fe_config = FrontEndConfig(hidden_dim=cfg.frontend_hidden)
+    segments, seg_labels = _segments([framed[i] for i in train_idx])
+    fe_state = fit_stage(
+        "frontend",
+        stages.frontend_loop,
+        {
+            "spec": StageSpec("frontend", cfg.frontend_epochs, 2e-3, 16, cfg.seed, cfg.checkpoint_every),
+            "model_config": fe_config,
+            "data_ref": ray.put({"segments": segments, "labels": seg_labels}),
+        },
+        **run,
+    )
+    front_end = LearnedFrontEnd(fe_config)
+    front_end.load_state_dict({k.removeprefix("front_end."): v for k, v in fe_state["model"].items() if k.startswith("front_end.")})
+    front_end.eval()
+
+    # 2. codebook: k-means over the training clips' embeddings
+    with torch.no_grad():
+        embeddings = [front_end(torch.tensor(c.patches)) for c in framed]
+    train_emb = torch.cat([embeddings[i] for i in train_idx])
+    log.info("k-means: K=%d over %d embeddings", cfg.codebook_size, len(train_emb))
+    centroids = kmeans(train_emb, cfg.codebook_size, seed=cfg.seed)
+    codes = [nearest_code(e, centroids) for e in embeddings]
+    usage = torch.bincount(torch.cat(codes), minlength=cfg.codebook_size)
+    log.info("codebook: %d of %d codes used", int((usage > 0).sum()), cfg.codebook_size)
+
+    # 3. code LM
+    lm_config = CodeTransformerConfig(vocab_size=cfg.codebook_size)
+    lm_state = fit_stage(
+        "code_lm",
+        stages.code_lm_loop,
+        {
+            "spec": StageSpec("code_lm", cfg.code_lm_epochs, 1e-3, 16, cfg.seed, cfg.checkpoint_every),
+            "model_config": lm_config,
+            "data_ref": ray.put([codes[i].numpy() for i in train_idx]),
+        },
+        **run,
+    )
+    code_lm = CodeTransformer(lm_config)
+    code_lm.load_state_dict(lm_state["model"])
+    code_lm.eval()
+
+    # 4. classifier on code-LM states of 1 s windows
+    cls_config = SceneClassifierConfig(lm_dim=lm_config.d_model, embedding_dim=fe_config.embedding_dim)
+    W = cls_config.window_frames
+    train_windows = _windows([framed[i] for i in train_idx], [codes[i] for i in train_idx], code_lm, W, TRAIN_WINDOW_STRIDE)
+    cls_state = fit_stage(
+        "classifier",
+        stages.classifier_loop,
+        {
+            "spec": StageSpec("classifier", cfg.classifier_epochs, 1e-3, 64, cfg.seed, cfg.checkpoint_every),
+            "model_config": cls_config,
+            "data_ref": ray.put({**train_windows, "centroids": centroids.numpy()}),
+        },
+        **run,
+    )
+    classifier = SceneClassifier(cls_config)
+    classifier.load_state_dict(cls_state["model"])
+    classifier.eval()
+
+    # 5. held-out evaluation at deployment stride (one decision per second)
+    hold = _windows([framed[i] for i in hold_idx], [codes[i] for i in hold_idx], code_lm, W, W)
+    probs = classify_windows(classifier, centroids, torch.tensor(hold["states"]), torch.tensor(hold["codes"])).numpy()
+    metrics = window_metrics(probs, hold["targets"], hold["weights"], EVENT_LABELS)
+    log.info("held-out macro-F1 %.3f over %d windows", metrics["macro_f1"], len(probs))
+
+    # 6. export
+    cb_id = codebook_id(centroids.numpy())
+    manifest = {
+        "model_version": f"sf1-{cb_id:08x}",
+        "codebook_id": cb_id,
+        "codebook_size": cfg.codebook_size,
+        "sample_rate_hz": SAMPLE_RATE_HZ,
+        "labels": list(EVENT_LABELS),
+        "frontend_config": dataclasses.asdict(fe_config),
+        "code_lm_config": dataclasses.asdict(lm_config),
+        "classifier_config": dataclasses.asdict(cls_config),
+        "training": {
+            "command": command,
+            "seed": cfg.seed,
+            "config": dataclasses.asdict(cfg),
+            "data_dir": str(data_dir),
+            "data_sha256": corpus_hash(Path(data_dir)),
+            "clips": {"train": len(train_idx), "held_out": len(hold_idx)},
+            "codes_used": int((usage > 0).sum()),
+            "metrics": metrics,
+            "wall_time_s": round(time.monotonic() - started, 1),
+            "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
+            f"python {platform.python_version()}, torch {torch.__version__}",
+        },
+    }
+    cloud_state = {"code_lm": code_lm.state_dict(), "classifier": classifier.state_dict()}
+    return write_bundle(out_dir, EdgeEncoder(front_end, centroids), centroids.numpy(), cloud_state, manifest)
+
+
+def _segments(clips: list[FramedClip]) -> tuple[np.ndarray, np.ndarray]:
+    """Cut clips into overlapping 2 s segments: (M, T, P) patches, (M, T, L) labels."""
+    segs, labs = [], []
+    for clip in clips:
+        for start in range(0, len(clip.patches) - SEGMENT_FRAMES + 1, SEGMENT_FRAMES // 2):
+            segs.append(clip.patches[start : start + SEGMENT_FRAMES])
+            labs.append(clip.labels[start : start + SEGMENT_FRAMES])
+    return np.stack(segs), np.stack(labs)
+
+
+def _windows(
+    clips: list[FramedClip], codes: list[torch.Tensor], code_lm: CodeTransformer, window: int, stride: int
+) -> dict[str, np.ndarray]:
+    """Classifier inputs exactly as the cloud computes them: the LM sees up to its
+    context of codes ending at the window's end, and the last ``window`` states are kept."""
+    context = code_lm.config.context_frames
+    contexts, window_codes, targets, weights = [], [], [], []
+    for clip, clip_codes in zip(clips, codes):
+        for end in range(window, len(clip_codes) + 1, stride):
+            contexts.append(clip_codes[max(0, end - context) : end])
+            window_codes.append(clip_codes[end - window : end])
+            t, w = window_targets(clip.labels, end - window, window)
+            targets.append(t)
+            weights.append(w)
+    states = torch.cat([lm_window_states(code_lm, contexts[i : i + 512], window) for i in range(0, len(contexts), 512)])
+    return {
+        "states": states.numpy(),
+        "codes": torch.stack(window_codes).numpy(),
+        "targets": np.stack(targets),
+        "weights": np.stack(weights),
+    }

@@ -1,0 +1,159 @@
+"""Run one trainable stage through Ray Train's TorchTrainer.
+
+Every stage has the same shape: a train loop (runs on each worker, DDP when
+there is more than one), an epoch loop with a checkpoint every
+``checkpoint_every`` epochs, resume from the latest checkpoint, and the final
+model state returned to the driver. This module holds that shared shape so
+each stage only writes its model and its loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class StageSpec:
+    """What a stage's worker loop needs besides its data."""
+
+    name: str
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    checkpoint_every: int = 1
+
+
+def fit_stage(
+    name: str,
+    loop: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    *,
+    workers: int,
+    storage_path: Path,
+    use_gpu: bool | None = None,
+    max_failures: int = 2,
+) -> dict[str, Any]:
+    """Train with ``workers`` Ray Train workers; returns the final saved state dict."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if use_gpu is None:
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    loop_config = {**loop_config, "torch_threads": max(1, cpus // max(1, workers))}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    started = time.monotonic()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+    log.info("stage %s done in %.1f s: %s", name, time.monotonic() - started, result.metrics)
+    return state
+
+
+# --- helpers used inside worker loops ---------------------------------------
+
+
+def worker_setup(config: dict) -> tuple[int, int]:
+    """Seed, thread count and logging for one worker; returns (rank, world_size)."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    torch.set_num_threads(config["torch_threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["spec"].seed + rank)
+    return rank, world
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the latest checkpoint if Ray Train has one; returns the epoch to start at."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    logging.getLogger(__name__).info("resumed from epoch %d", state["epoch"])
+    return state["epoch"]
+
+
+def report_epoch(
+    spec: StageSpec,
+    epoch: int,
+    metrics: dict[str, float],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    extra_state: dict | None = None,
+) -> None:
+    """Report metrics every epoch and a checkpoint every ``checkpoint_every`` epochs (and the last)."""
+    import ray.train
+
+    done = epoch + 1
+    if rank == 0:
+        logging.getLogger(__name__).info(
+            "[%s] epoch %d/%d %s",
+            spec.name,
+            done,
+            spec.epochs,
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+        )
+    save = done % spec.checkpoint_every == 0 or done == spec.epochs
+    if not (save and rank == 0):
+        ray.train.report({**metrics, "epoch": done})
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {
+            "model": _unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": done,
+            **(extra_state or {}),
+        }
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        ray.train.report({**metrics, "epoch": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def shard_batches(n: int, batch_size: int, rank: int, world: int, rng: np.random.Generator):
+    """Yield index batches of this worker's shard of a shuffled range(n).
+
+    Every worker yields the same number of batches (DDP needs equal steps).
+    """
+    order = rng.permutation(n)
+    per_worker = n // world
+    mine = order[rank * per_worker : (rank + 1) * per_worker]
+    for i in range(0, max(per_worker - batch_size + 1, 1), batch_size):
+        yield mine[i : i + batch_size]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,124 @@
+"""The worker loops of the trainable stages (each runs under Ray Train).
+
+1. front end: LearnedFrontEnd + FrameTaggingHead on 2 s segments, frame-level BCE;
+2. code LM: CodeTransformer, next-code cross-entropy on random crops;
+3. classifier: SceneClassifier on precomputed code-LM window states, masked BCE.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
+from shared_models.frontend import FrameTaggingHead, FrontEndConfig, LearnedFrontEnd
+from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
+from training.ray_stage import StageSpec, report_epoch, restore, shard_batches, worker_setup
+
+
+class FrontEndTagger(nn.Module):
+    """Front end with its training-only frame tagging head."""
+
+    def __init__(self, config: FrontEndConfig, num_labels: int):
+        super().__init__()
+        self.front_end = LearnedFrontEnd(config)
+        self.head = FrameTaggingHead(config.embedding_dim, num_labels)
+
+    def forward(self, segments: torch.Tensor) -> torch.Tensor:
+        B, T, P = segments.shape
+        emb = self.front_end(segments.reshape(B * T, P)).reshape(B, T, -1)  # (B, T, D)
+        return self.head(emb)  # (B, T, L)
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
+
+
+def frontend_loop(config: dict) -> None:
+    rank, world = worker_setup(config)
+    spec: StageSpec = config["spec"]
+    data = ray.get(config["data_ref"])  # segments (M, T, P), labels (M, T, L)
+    model = _prepare(FrontEndTagger(config["model_config"], data["labels"].shape[-1]))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(spec.seed + rank)
+    for epoch in range(restore(model, opt), spec.epochs):
+        started, losses = time.monotonic(), []
+        for idx in shard_batches(len(data["segments"]), spec.batch_size, rank, world, rng):
+            x = torch.tensor(data["segments"][idx])
+            # random gain: the front end must not key on absolute level alone
+            x = x * torch.empty(len(idx), 1, 1).uniform_(0.3, 1.5)
+            loss = F.binary_cross_entropy_with_logits(model(x), torch.tensor(data["labels"][idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
+        report_epoch(spec, epoch, metrics, model, opt, rank)
+
+
+def code_lm_loop(config: dict) -> None:
+    rank, world = worker_setup(config)
+    spec: StageSpec = config["spec"]
+    lm_config: CodeTransformerConfig = config["model_config"]
+    sequences: list[np.ndarray] = ray.get(config["data_ref"])  # per clip (N_i,) int64
+    crop = min(lm_config.context_frames, min(len(s) for s in sequences) - 1) + 1
+    model = _prepare(CodeTransformer(lm_config))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-2)
+    rng = np.random.default_rng(spec.seed + rank)
+    for epoch in range(restore(model, opt), spec.epochs):
+        started, losses = time.monotonic(), []
+        # one pass = as many crops as there are clips x 4, split across workers
+        n_crops = 4 * len(sequences)
+        for idx in shard_batches(n_crops, spec.batch_size, rank, world, rng):
+            crops = []
+            for i in idx:
+                seq = sequences[i % len(sequences)]
+                start = rng.integers(0, len(seq) - crop + 1)
+                crops.append(seq[start : start + crop])
+            codes = torch.tensor(np.stack(crops))  # (B, crop)
+            logits, _ = model(codes[:, :-1])  # (B, crop-1, V)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
+        report_epoch(spec, epoch, metrics, model, opt, rank)
+
+
+def classifier_loop(config: dict) -> None:
+    rank, world = worker_setup(config)
+    spec: StageSpec = config["spec"]
+    cls_config: SceneClassifierConfig = config["model_config"]
+    data = ray.get(config["data_ref"])  # states (M,W,C), codes (M,W), targets, weights (M,L)
+    centroids = torch.tensor(data["centroids"])
+    model = _prepare(SceneClassifier(cls_config))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-3)
+    # rare labels get more weight on their positives
+    pos_rate = (data["targets"] * data["weights"]).sum(0) / np.maximum(data["weights"].sum(0), 1)
+    pos_weight = torch.tensor(np.clip(0.5 / np.maximum(pos_rate, 1e-3), 1.0, 10.0), dtype=torch.float32)
+    rng = np.random.default_rng(spec.seed + rank)
+    for epoch in range(restore(model, opt), spec.epochs):
+        started, losses = time.monotonic(), []
+        for idx in shard_batches(len(data["states"]), spec.batch_size, rank, world, rng):
+            states = torch.tensor(data["states"][idx])
+            logits = model(states, centroids[torch.tensor(data["codes"][idx])])
+            loss = F.binary_cross_entropy_with_logits(
+                logits,
+                torch.tensor(data["targets"][idx]),
+                weight=torch.tensor(data["weights"][idx]),
+                pos_weight=pos_weight,
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
+        report_epoch(spec, epoch, metrics, model, opt, rank)
