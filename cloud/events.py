@@ -5,8 +5,9 @@ state of each (device, label) lives in Redis between windows.
 
 An event starts after ``min_windows`` consecutive windows score at least
 ``on_threshold``, stays active while the score stays at least
-``off_threshold`` (hysteresis: a brief dip does not split it), and is emitted,
-with its start and end, when it closes. After it closes the same label cannot
+``off_threshold`` (hysteresis), survives up to ``hold_windows`` windows below
+it (so the pauses of a T3 smoke alarm do not split one alarm into three), and
+is emitted, with its start and end, when it closes. After it closes the same label cannot
 start again on that device for ``cooldown_ns``.
 """
 
@@ -21,6 +22,7 @@ class EventPolicy:
     on_threshold: float = 0.5
     off_threshold: float = 0.3
     min_windows: int = 1
+    hold_windows: int = 1
     cooldown_ns: int = 2_000_000_000
 
 
@@ -28,6 +30,7 @@ class EventPolicy:
 class LabelState:
     streak: int = 0  # consecutive windows >= on_threshold while inactive
     active: bool = False
+    misses: int = 0  # consecutive windows below off_threshold while active
     start_ns: int = 0
     end_ns: int = 0
     peak: float = 0.0
@@ -58,10 +61,11 @@ def step(
     """Advance one label's state by one window; returns an event when one closes."""
     if state.active:
         if score >= policy.off_threshold:
-            state.end_ns, state.seq_last = end_ns, seq
+            state.end_ns, state.seq_last, state.misses = end_ns, seq, 0
             state.peak = max(state.peak, score)
             return None
-        return close(state, policy)
+        state.misses += 1
+        return close(state, policy) if state.misses > policy.hold_windows else None
     if score < policy.on_threshold or start_ns < state.cooldown_until_ns:
         state.streak = 0
         return None
@@ -81,6 +85,6 @@ def close(state: LabelState, policy: EventPolicy) -> ClosedEvent | None:
         state.streak = 0
         return None
     event = ClosedEvent(state.start_ns, state.end_ns, state.peak, state.seq_first, state.seq_last)
-    state.active, state.streak = False, 0
+    state.active, state.streak, state.misses = False, 0, 0
     state.cooldown_until_ns = state.end_ns + policy.cooldown_ns
     return event

@@ -64,7 +64,11 @@ class Ingest:
         self.window = self.manifest["classifier_config"]["window_frames"]
         self.context = self.manifest["code_lm_config"]["context_frames"]
         self.policy = event_logic.EventPolicy(
-            config.on_threshold, config.off_threshold, config.min_windows, int(config.cooldown_s * 1e9)
+            on_threshold=config.on_threshold,
+            off_threshold=config.off_threshold,
+            min_windows=config.min_windows,
+            hold_windows=config.hold_windows,
+            cooldown_ns=int(config.cooldown_s * 1e9),
         )
         self.connected = threading.Event()
         per_worker = max(1, config.ingest_queue // config.ingest_workers)

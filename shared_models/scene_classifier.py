@@ -26,7 +26,7 @@ class SceneClassifierConfig:
     n_heads: int = 4
     n_layers: int = 1
     num_labels: int = NUM_LABELS
-    dropout: float = 0.1
+    dropout: float = 0.2
 
 
 class SceneClassifier(nn.Module):

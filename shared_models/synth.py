@@ -2,10 +2,12 @@
 
 numpy only (the edge's synthetic source imports it). Everything is drawn from
 a ``np.random.Generator``, so a seed fixes the audio bit for bit. The code
-lives in three modules, all re-exported here:
+lives in four modules, all re-exported here:
 
 - :mod:`shared_models.synth_events`: one generator per event class
   (:data:`~shared_models.constants.EVENT_LABELS`) and :func:`generate_event`;
+- :mod:`shared_models.synth_speech`: speech (espeak-ng if installed, else a
+  formant synthesiser);
 - :mod:`shared_models.synth_scene`: backgrounds, reverb and mixing into
   labelled :class:`Scene` s (:func:`random_scene`, :func:`scripted_scene`);
 - :mod:`shared_models.synth_dsp`: the small FFT-based DSP helpers they share.
@@ -23,8 +25,6 @@ from shared_models.synth_events import (
     EVENT_GENERATORS,
     EVENT_PEAK,
     T3_CYCLE_S,
-    espeak_available,
-    formant_speech,
     generate_event,
     t3_gate,
 )
@@ -39,15 +39,16 @@ from shared_models.synth_scene import (
     random_scene,
     scripted_scene,
 )
+from shared_models.synth_speech import espeak_available, formant_speech
 
 __all__ = [
     "BACKGROUNDS",
     "BACKGROUND_GENERATORS",
     "EVENT_GENERATORS",
     "EVENT_PEAK",
+    "T3_CYCLE_S",
     "LabelledEvent",
     "Scene",
-    "T3_CYCLE_S",
     "active_rms",
     "add_reverb",
     "espeak_available",

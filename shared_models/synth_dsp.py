@@ -24,7 +24,7 @@ _WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(_FRAME) / _FRAME)
 
 def n_samples(duration_s: float) -> int:
     """Number of samples in ``duration_s`` seconds (at least one)."""
-    return max(1, int(round(duration_s * SAMPLE_RATE_HZ)))
+    return max(1, round(duration_s * SAMPLE_RATE_HZ))
 
 
 def fft_len(n: int) -> int:
@@ -80,7 +80,8 @@ def smooth(x: np.ndarray, n_taps: int) -> np.ndarray:
 
 def resonance_gain(freqs_hz: np.ndarray, centre_hz, bandwidth_hz: float) -> np.ndarray:
     """Magnitude response of a resonance (a formant, a body mode) at ``centre_hz``."""
-    return 1.0 / np.sqrt(1.0 + ((freqs_hz - centre_hz) / (bandwidth_hz / 2)) ** 2)
+    half_bandwidth_hz = float(bandwidth_hz) / 2  # a Python float keeps float32 input float32
+    return 1.0 / np.sqrt(1.0 + np.square((freqs_hz - centre_hz) / half_bandwidth_hz))
 
 
 def filter_static(x: np.ndarray, gain: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -108,7 +109,7 @@ def filter_framewise(
     buf = np.zeros((n_frames, _NFFT))
     buf[:, _HOP : _HOP + _FRAME] = frames * _WINDOW
     frame_times_s = (np.arange(n_frames) * _HOP) / SAMPLE_RATE_HZ  # frame centre, in x's time
-    freqs_hz = np.fft.rfftfreq(_NFFT, 1 / SAMPLE_RATE_HZ)
+    freqs_hz = np.fft.rfftfreq(_NFFT, 1 / SAMPLE_RATE_HZ).astype(np.float32)  # gains in float32
     out_frames = np.fft.irfft(np.fft.rfft(buf, axis=1) * gains(frame_times_s, freqs_hz), axis=1)
     # frame j's buffer starts at padded index (j - 1) * HOP, i.e. at out index j * HOP
     blocks = out_frames.reshape(n_frames, _NFFT // _HOP, _HOP)  # (F, 4, HOP)

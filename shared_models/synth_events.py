@@ -9,10 +9,6 @@ seed fixes the waveform. Use it through :mod:`shared_models.synth`.
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import subprocess
 from collections.abc import Callable
 
 import numpy as np
@@ -20,7 +16,6 @@ import numpy as np
 from shared_models.constants import SAMPLE_RATE_HZ
 from shared_models.synth_dsp import (
     ar_envelope,
-    filter_framewise,
     filter_static,
     harmonic_tone,
     n_samples,
@@ -29,8 +24,7 @@ from shared_models.synth_dsp import (
     resonance_gain,
     smooth,
 )
-
-log = logging.getLogger(__name__)
+from shared_models.synth_speech import speech
 
 EVENT_PEAK = 0.9
 """Every event comes out peak-normalised to this level; scenes set the real level."""
@@ -147,7 +141,7 @@ def _sequence(
     n = total - gaps[-1] if target is None else target
     out = np.zeros(n)
     pos = 0
-    for u, gap in zip(units, gaps):
+    for u, gap in zip(units, gaps, strict=True):
         m = min(len(u), n - pos)
         if m <= 0:
             break
@@ -165,7 +159,7 @@ def dog_bark(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
         u = np.linspace(0.0, 1.0, n)
         freq_hz = pitch_hz * rng.uniform(0.9, 1.1) * (0.8 + 0.35 * np.sin(np.pi * u**0.7))
         voiced = harmonic_tone(phase_of(freq_hz), freq_hz, 1.0 / np.arange(1, 13))
-        x = voiced + 0.6 * rng.standard_normal(n)  # barks are rough: half the energy is noise
+        x = voiced + 0.35 * rng.standard_normal(n)  # barks are rough, partly noise
         return x * ar_envelope(n, 0.008, 0.0) * np.exp(-u * rng.uniform(2.5, 4.0))
 
     x = _sequence(rng, duration_s, (1, 3), bark, (0.1, 0.35))
@@ -215,7 +209,7 @@ def glass_break(rng: np.random.Generator, duration_s: float | None) -> np.ndarra
     return out
 
 
-# --- voices ------------------------------------------------------------------
+# --- voices (speech lives in synth_speech) ---------------------------------------
 def baby_cry(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
     """Cries of 0.5-1 s (pitch 350-550 Hz, arched contour, vibrato) with gasps; 1-3 s."""
     duration_s = rng.uniform(1.0, 3.0) if duration_s is None else duration_s
@@ -233,108 +227,6 @@ def baby_cry(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
     x = _sequence(rng, duration_s, (1, 1), cry, (0.1, 0.3))
     formants_hz = (rng.uniform(1000, 1300), rng.uniform(2500, 3200))
     return filter_static(x, lambda f: 0.3 + sum(resonance_gain(f, fc, 500.0) for fc in formants_hz))
-
-
-_VOWEL_FORMANTS_HZ = np.array(
-    [[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480],
-     [570, 840, 2410], [660, 1720, 2410], [490, 1350, 1690], [440, 1020, 2240]],
-    dtype=np.float64,
-)  # (8, 3) F1-F3 of American English vowels (Peterson & Barney): a i u e o ae er oo
-_FORMANT_BANDWIDTHS_HZ = np.array([90.0, 110.0, 170.0])
-_FORMANT_LEVELS = np.array([1.0, 0.5, 0.25])
-
-
-def formant_speech(rng: np.random.Generator, n: int, f0_hz: float | None = None) -> np.ndarray:
-    """Speech-like babble: a jittered glottal pulse train through three moving formants.
-
-    Syllables of 0.1-0.28 s with changing vowels, fricative onsets and pauses;
-    also the source of the "babble" background.
-    """
-    f0_hz = rng.uniform(90, 220) if f0_hz is None else f0_hz
-    max_syll = int(n / SAMPLE_RATE_HZ / 0.06) + 2
-    durs_s = rng.uniform(0.1, 0.28, max_syll)
-    pause = rng.random(max_syll) < 0.2
-    durs_s[pause] = rng.uniform(0.06, 0.25, pause.sum())
-    bounds = np.concatenate([[0.0], np.cumsum(durs_s)]) * SAMPLE_RATE_HZ  # (S + 1,) in samples
-    idx = np.arange(n)
-    syl = np.searchsorted(bounds, idx, side="right") - 1  # (n,) syllable of each sample
-    since = idx - bounds[syl]  # samples since the syllable began
-    u = since / (bounds[syl + 1] - bounds[syl])  # position inside the syllable, 0..1
-    level = rng.uniform(0.5, 1.0, max_syll) * ~pause
-    env = np.sqrt(4 * u * (1 - u)) * level[syl]
-
-    centres_s = (bounds[:-1] + bounds[1:]) / 2 / SAMPLE_RATE_HZ  # (S,)
-    tract = 1 + 0.15 * (f0_hz - 90) / 130  # higher voices, shorter vocal tracts
-    formants = _VOWEL_FORMANTS_HZ[rng.integers(0, len(_VOWEL_FORMANTS_HZ), max_syll)] * tract
-    t_s = idx / SAMPLE_RATE_HZ
-    declination = 1 - 0.1 * (t_s % 2.0) / 2.0  # pitch falls over each ~2 s phrase
-    knots = np.arange(0, n + 64, 64)  # jitter: a new random pitch offset every 4 ms
-    jitter = np.interp(idx, knots, 0.02 * rng.standard_normal(len(knots)))
-    freq_hz = np.interp(t_s, centres_s, f0_hz * rng.uniform(0.9, 1.15, max_syll))
-    freq_hz *= declination + jitter
-    pulses = np.diff(np.floor(np.cumsum(freq_hz) / SAMPLE_RATE_HZ), prepend=0.0)  # 1 per period
-    source = (pulses + 0.03 * rng.standard_normal(n, dtype=np.float32)) * env
-
-    def vocal_tract(frame_s: np.ndarray, f: np.ndarray) -> np.ndarray:
-        gains = np.zeros((len(frame_s), len(f)))  # (F, B)
-        for i in range(3):
-            fc = np.interp(frame_s, centres_s, formants[:, i])[:, None]  # (F, 1)
-            gains += _FORMANT_LEVELS[i] * resonance_gain(f, fc, _FORMANT_BANDWIDTHS_HZ[i])
-        return gains / (1 + f / 500.0)  # glottal roll-off
-
-    voiced = filter_framewise(source, vocal_tract)
-    fricative = (rng.random(max_syll) < 0.4) & ~pause
-    hissing = fricative[syl] & (since < n_samples(0.06))  # the first 60 ms of some syllables
-    hiss = np.zeros(n)
-    hiss[hissing] = np.diff(rng.standard_normal(np.count_nonzero(hissing) + 1))  # a bright hiss
-    return voiced / (np.sqrt(np.mean(voiced**2)) + 1e-9) + 0.2 * hiss * level[syl]
-
-
-_ESPEAK_DISABLE_ENV = "SOUNDFLEET_NO_ESPEAK"
-_ESPEAK_VOICES = ("en", "en-us", "en-gb", "en+m3", "en+f2", "en+f4")
-_WORDS = (
-    "hello", "kitchen", "window", "open", "close", "the", "door", "please", "come", "here",
-    "where", "is", "my", "phone", "dinner", "ready", "today", "morning", "quiet", "light",
-    "turn", "off", "music", "later", "okay", "thank", "you", "garden", "weather", "rain",
-)
-
-
-def espeak_available() -> bool:
-    """Whether speech events come from ``espeak-ng`` (on PATH, not disabled by the env)."""
-    return not os.environ.get(_ESPEAK_DISABLE_ENV) and shutil.which("espeak-ng") is not None
-
-
-def _espeak_phrase(rng: np.random.Generator) -> np.ndarray | None:
-    """A short phrase spoken by espeak-ng at 16 kHz, or None if espeak-ng failed."""
-    from shared_models.wavio import WavFormatError, decode_wav
-
-    words = " ".join(rng.choice(_WORDS, size=rng.integers(2, 7)))
-    voice = _ESPEAK_VOICES[rng.integers(len(_ESPEAK_VOICES))]
-    cmd = ["espeak-ng", "--stdout", "-v", voice, "-p", str(rng.integers(20, 80)),
-           "-s", str(rng.integers(130, 190)), words]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=20, check=True)
-        audio, rate_hz = decode_wav(proc.stdout, source="espeak-ng stdout")
-    except (OSError, subprocess.SubprocessError, WavFormatError) as exc:
-        log.warning("espeak-ng failed (%s); using the formant synthesiser", exc)
-        return None
-    t_out = np.arange(int(len(audio) * SAMPLE_RATE_HZ / rate_hz)) * (rate_hz / SAMPLE_RATE_HZ)
-    audio = np.interp(t_out, np.arange(len(audio)), audio)  # linear resampling to 16 kHz
-    loud = np.flatnonzero(np.abs(audio) > 0.02 * np.max(np.abs(audio), initial=1e-9))
-    return audio[loud[0] : loud[-1] + 1] if len(loud) else None
-
-
-def speech(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
-    """A short phrase, 1-3 s: espeak-ng when available, else the formant synthesiser."""
-    target = None if duration_s is None else n_samples(duration_s)
-    if espeak_available():
-        phrase = _espeak_phrase(rng)
-        if phrase is not None:
-            if target is None:
-                return phrase[: n_samples(3.0)]
-            return np.pad(phrase[:target], (0, max(0, target - len(phrase))))
-    n = n_samples(rng.uniform(1.0, 3.0)) if target is None else target
-    return formant_speech(rng, n) * ar_envelope(n, 0.01, 0.05)
 
 
 EVENT_GENERATORS: dict[str, EventFn] = {
@@ -367,7 +259,4 @@ def generate_event(
     return peak_normalise(x, EVENT_PEAK)
 
 
-__all__ = [
-    "EVENT_GENERATORS", "EVENT_PEAK", "T3_CYCLE_S", "espeak_available",
-    "formant_speech", "generate_event", "t3_gate",
-]
+__all__ = ["EVENT_GENERATORS", "EVENT_PEAK", "T3_CYCLE_S", "generate_event", "t3_gate"]

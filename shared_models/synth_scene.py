@@ -22,7 +22,8 @@ from shared_models.synth_dsp import (
     rms,
     rms_normalise,
 )
-from shared_models.synth_events import formant_speech, generate_event
+from shared_models.synth_events import generate_event
+from shared_models.synth_speech import formant_speech
 
 MAX_SCENE_PEAK = 0.99
 """A scene louder than this is scaled down as a whole (never clipped)."""
@@ -178,6 +179,17 @@ def add_reverb(x: np.ndarray, rng: np.random.Generator, rt60_s: float, wet: floa
     return (1 - wet) * x + wet * reverberant
 
 
+def _mix_in(
+    audio: np.ndarray, label: str, event: np.ndarray, start: int, level_rms: float
+) -> LabelledEvent:
+    """Add ``event`` to ``audio`` at sample ``start`` (cut at the end) with RMS ``level_rms``
+    while it sounds; its label covers the dry event."""
+    gain = level_rms / active_rms(event)
+    event = event[: len(audio) - start]
+    audio[start : start + len(event)] += gain * event
+    return LabelledEvent(label, start / SAMPLE_RATE_HZ, (start + len(event)) / SAMPLE_RATE_HZ)
+
+
 def _finish(audio: np.ndarray, events: list[LabelledEvent]) -> Scene:
     peak = float(np.max(np.abs(audio), initial=0.0))
     if peak > MAX_SCENE_PEAK:
@@ -202,17 +214,20 @@ def random_scene(
     background_rms = 10 ** (rng.uniform(*BACKGROUND_DBFS_RANGE) / 20)
     background = generate_background(kind, n, rng) * background_rms
     if labels is None:
-        labels = [EVENT_LABELS[i] for i in rng.integers(0, len(EVENT_LABELS), rng.integers(0, max_events + 1))]
+        n_events = rng.integers(0, max_events + 1)
+        labels = [EVENT_LABELS[i] for i in rng.integers(0, len(EVENT_LABELS), n_events)]
     foreground = np.zeros(n)
     events = []
     for label in labels:
         event = generate_event(label, rng)[:n]
         start = int(rng.integers(0, n - len(event) + 1))
         snr_db = rng.uniform(*SNR_DB_RANGE)
-        foreground[start : start + len(event)] += event * (background_rms * 10 ** (snr_db / 20) / active_rms(event))
-        events.append(LabelledEvent(label, start / SAMPLE_RATE_HZ, (start + len(event)) / SAMPLE_RATE_HZ))
-    if events:
-        foreground = add_reverb(foreground, rng, rt60_s=rng.uniform(0.1, 0.8), wet=rng.uniform(0.0, 0.5))
+        events.append(
+            _mix_in(foreground, label, event, start, background_rms * 10 ** (snr_db / 20))
+        )
+    if events:  # one room for the whole scene: its reverb tails may run past an event's offset
+        rt60_s, wet = rng.uniform(0.1, 0.8), rng.uniform(0.0, 0.5)
+        foreground = add_reverb(foreground, rng, rt60_s=rt60_s, wet=wet)
     return _finish(background + foreground, events)
 
 
@@ -224,8 +239,10 @@ def scripted_scene(
     snr_db: float = 12.0,
     background_dbfs: float = -35.0,
 ) -> Scene:
-    """Events ``(label, onset_s)`` at known times over a background, each with its own
-    default duration (cut at the clip end); dry, no reverb. For demos and tests.
+    """Events ``(label, onset_s)`` at known times over a background, for demos and tests.
+
+    Each event has its class's default duration (cut at the clip end) and sounds
+    ``snr_db`` above the background, whose RMS is ``background_dbfs``; no reverb.
     """
     rng = np.random.default_rng(seed)
     n = n_samples(duration_s)
@@ -233,11 +250,11 @@ def scripted_scene(
     audio = generate_background(background, n, rng).astype(np.float64) * background_rms
     events = []
     for label, onset_s in script:
-        if not 0 <= onset_s < duration_s:
-            raise ValueError(f"scripted event {label!r} at {onset_s} s is outside the {duration_s} s scene")
+        start = round(onset_s * SAMPLE_RATE_HZ)
+        if not 0 <= start < n:
+            raise ValueError(
+                f"scripted event {label!r} at {onset_s} s is outside the {duration_s} s scene"
+            )
         event = generate_event(label, rng)
-        start = int(round(onset_s * SAMPLE_RATE_HZ))
-        m = min(len(event), n - start)
-        audio[start : start + m] += event[:m] * (background_rms * 10 ** (snr_db / 20) / active_rms(event))
-        events.append(LabelledEvent(label, start / SAMPLE_RATE_HZ, (start + m) / SAMPLE_RATE_HZ))
+        events.append(_mix_in(audio, label, event, start, background_rms * 10 ** (snr_db / 20)))
     return _finish(audio, events)

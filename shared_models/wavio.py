@@ -60,20 +60,34 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate_hz: int) -> None:
     """
     samples = np.asarray(audio, dtype=np.float64)
     if samples.ndim != 1:
-        raise ValueError(f"write_wav writes mono audio: expected a 1-D array, got shape {samples.shape}")
+        raise ValueError(
+            f"write_wav writes mono audio: expected a 1-D array, got shape {samples.shape}"
+        )
     if not np.all(np.isfinite(samples)):
         raise ValueError(f"write_wav: {path}: audio contains NaN or infinite samples")
     rate = int(sample_rate_hz)
     if rate != sample_rate_hz or rate <= 0:
-        raise ValueError(f"write_wav: sample_rate_hz must be a positive integer, got {sample_rate_hz!r}")
+        raise ValueError(
+            f"write_wav: sample_rate_hz must be a positive integer, got {sample_rate_hz!r}"
+        )
     pcm = np.rint(np.clip(samples, -1.0, 1.0) * PCM16_FULL_SCALE).astype("<i2")
     data = pcm.tobytes()
     if len(data) > _MAX_DATA_BYTES:
         raise ValueError(f"write_wav: {path}: {len(data)} bytes of audio do not fit a RIFF file")
     header = _HEADER.pack(
-        b"RIFF", 36 + len(data), b"WAVE",
-        b"fmt ", 16, _FORMAT_PCM, 1, rate, rate * 2, 2, 16,
-        b"data", len(data),
+        b"RIFF",
+        36 + len(data),
+        b"WAVE",
+        b"fmt ",
+        16,
+        _FORMAT_PCM,
+        1,
+        rate,
+        rate * 2,
+        2,
+        16,
+        b"data",
+        len(data),
     )  # fmt fields: format tag, channels, rate, byte rate, block align, bits
     Path(path).write_bytes(header + data)
 
@@ -115,7 +129,9 @@ def _decode_samples(raw: bytes, info: WavInfo) -> np.ndarray:
     if bits == 16:
         return np.frombuffer(raw, dtype="<i2") / float(PCM16_FULL_SCALE)
     if bits == 24:
-        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)  # (n, 3) little-endian
+        b = (
+            np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        )  # (n, 3) little-endian
         value = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         value = np.where(value >= 1 << 23, value - (1 << 24), value)  # sign-extend
         return value / float((1 << 23) - 1)
@@ -159,7 +175,9 @@ def _parse_fmt(body: bytes, source: str) -> tuple[int, int, int, bool]:
         if len(body) < 26:
             raise WavFormatError(f"{source}: WAVE_FORMAT_EXTENSIBLE fmt chunk is truncated")
         (tag,) = struct.unpack("<H", body[24:26])  # first two bytes of the sub-format GUID
-    supported = (tag == _FORMAT_PCM and bits in (8, 16, 24, 32)) or (tag == _FORMAT_FLOAT and bits == 32)
+    supported = (tag == _FORMAT_PCM and bits in (8, 16, 24, 32)) or (
+        tag == _FORMAT_FLOAT and bits == 32
+    )
     if not supported:
         raise WavFormatError(
             f"{source}: unsupported WAV encoding (format tag {tag:#06x}, {bits} bits); "

@@ -6,13 +6,13 @@ None. Byte layout, topics and JSON examples: ``docs/WIRE.md``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
+from numbers import Real
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -200,9 +200,9 @@ class FramesMessage:
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> FramesMessage:
         """Decode one payload; any defect raises a WireError subclass, checked in this order:
         size limit, minimum length, magic, version, CRC, flags, exact length, field values."""
-        data = bytes(data)
         if len(data) > max_bytes:
             raise PayloadTooLarge(f"payload is {len(data)} bytes > limit {max_bytes}")
+        data = bytes(data)
         if len(data) < MIN_PAYLOAD_BYTES:
             raise Truncated(f"payload is {len(data)} bytes < {MIN_PAYLOAD_BYTES} (header + crc)")
         (magic, version, flags, codebook_id, seq, t_start_ns, sample_rate_hz, hop_samples,
@@ -248,7 +248,7 @@ class _JsonMessage:
     """Shared encoding of the JSON messages: one compact UTF-8 JSON object per payload."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return asdict(self)  # type: ignore[call-overload]
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
@@ -256,11 +256,11 @@ class _JsonMessage:
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Self:
         """Build from a dict; unknown (and derived) keys are ignored, missing required raise."""
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in obj]
+        known = fields(cls)  # type: ignore[arg-type]  # every subclass is a dataclass
+        missing = [f.name for f in known if f.default is MISSING and f.name not in obj]
         if missing:
             raise InvalidField(f"{cls.__name__} JSON is missing: {', '.join(missing)}")
-        return cls(**{f.name: obj[f.name] for f in fields if f.name in obj})
+        return cls(**{f.name: obj[f.name] for f in known if f.name in obj})
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Self:
@@ -342,7 +342,7 @@ class SoundEvent(_JsonMessage):
         _check_str("label", self.label, empty_ok=False)
         _check_str("model_version", self.model_version)
         score = self.score
-        if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+        if isinstance(score, bool) or not isinstance(score, Real) or not 0 <= score <= 1:
             raise InvalidField(f"score must be a number in [0, 1], got {score!r}")  # or NaN
         set_ = object.__setattr__
         set_(self, "score", float(self.score))
@@ -354,7 +354,7 @@ class SoundEvent(_JsonMessage):
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, plus ISO 8601 ``start`` / ``end`` derived from ``start_ns`` / ``end_ns``."""
-        out = dataclasses.asdict(self)
+        out = asdict(self)
         out["start"], out["end"] = iso8601_ms(self.start_ns), iso8601_ms(self.end_ns)
         return out
 

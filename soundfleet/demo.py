@@ -165,27 +165,33 @@ def _event_listener(broker_url: str, received: list[dict]):
         client.loop_stop()
 
 
-def _match(expected: list[Expected], received: list[dict], starts: dict) -> list[dict]:
-    """Assign each received event to at most one scripted event; returns the unmatched ones."""
+def _overlaps(event: dict, e: Expected, t0: int) -> bool:
+    start_s = (event["start_ns"] - t0) / NS_PER_SECOND
+    end_s = (event["end_ns"] - t0) / NS_PER_SECOND
+    return start_s <= e.offset_s + MATCH_SLACK_S and end_s >= e.onset_s - MATCH_SLACK_S
+
+
+def _match(expected: list[Expected], received: list[dict], starts: dict) -> tuple[list[dict], list[dict]]:
+    """Assign received events to scripted ones (same device and label, overlapping in time).
+
+    Returns (false events, fragments): a fragment is a second detection inside an
+    already-detected scripted event (an event split in two), not a false alarm.
+    """
     for e in expected:
         e.detected = None
-    false = []
+    false, fragments = [], []
     for event in received:
         t0 = starts.get(event["device"])
-        hit = None
-        for e in expected:
-            if e.detected or e.device != event["device"] or e.label != event["label"] or t0 is None:
-                continue
-            start_s = (event["start_ns"] - t0) / NS_PER_SECOND
-            end_s = (event["end_ns"] - t0) / NS_PER_SECOND
-            if start_s <= e.offset_s + MATCH_SLACK_S and end_s >= e.onset_s - MATCH_SLACK_S:
-                hit = e
-                break
-        if hit:
-            hit.detected = event
+        candidates = [e for e in expected if t0 is not None and e.device == event["device"]
+                      and e.label == event["label"] and _overlaps(event, e, t0)]
+        fresh = [e for e in candidates if e.detected is None]
+        if fresh:
+            fresh[0].detected = event
+        elif candidates:
+            fragments.append(event)
         else:
             false.append(event)
-    return false
+    return false, fragments
 
 
 def _all_matched(expected, received, starts) -> bool:
@@ -194,7 +200,7 @@ def _all_matched(expected, received, starts) -> bool:
 
 
 def _report(expected: list[Expected], received: list[dict], starts: dict) -> int:
-    false = _match(expected, received, starts)
+    false, fragments = _match(expected, received, starts)
     print("\n  device    label         scripted (s)    detected (s)    score")
     for e in expected:
         if e.detected:
@@ -204,10 +210,10 @@ def _report(expected: list[Expected], received: list[dict], starts: dict) -> int
         else:
             got, score = "   MISSED    ", "-"
         print(f"  {e.device:<9} {e.label:<13} {e.onset_s:5.1f}-{e.offset_s:5.1f}     {got}     {score}")
-    for event in false:
+    for event, kind in [(e, "fragment") for e in fragments] + [(e, "FALSE") for e in false]:
         t0 = starts.get(event["device"], event["start_ns"])
         print(f"  {event['device']:<9} {event['label']:<13}   (not scripted)  "
-              f"{(event['start_ns'] - t0) / 1e9:5.1f}-{(event['end_ns'] - t0) / 1e9:5.1f}     {event['score']:.2f}  FALSE")
+              f"{(event['start_ns'] - t0) / 1e9:5.1f}-{(event['end_ns'] - t0) / 1e9:5.1f}     {event['score']:.2f}  {kind}")
     detected = sum(e.detected is not None for e in expected)
     ok = detected == len(expected) and len(false) <= MAX_FALSE_EVENTS
     print(f"\n{detected}/{len(expected)} scripted events detected, {len(false)} false "

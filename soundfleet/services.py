@@ -40,7 +40,7 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 1.0
 
-# amqtt logs every connection at INFO and plugin loading at WARNING-worthy volume.
+# amqtt logs every connection and state change at INFO / DEBUG.
 _CHATTY_LOGGERS = ("amqtt", "transitions")
 _CONNACK_REASONS = {
     1: "unacceptable protocol version",
@@ -157,10 +157,15 @@ def probe_mqtt(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
         f"soundfleet-probe-{uuid.uuid4().hex[:12]}", endpoint.username, endpoint.password
     )
     try:
-        with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s) as raw:
-            sock = raw
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(
+                socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s)
+            )
             if endpoint.tls:
-                sock = ssl.create_default_context().wrap_socket(raw, server_hostname=endpoint.host)
+                context = ssl.create_default_context()
+                sock = stack.enter_context(
+                    context.wrap_socket(sock, server_hostname=endpoint.host)
+                )
             sock.sendall(packet)
             connack = b""
             while len(connack) < 4:
@@ -174,7 +179,7 @@ def probe_mqtt(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
                 return _CONNACK_REASONS.get(connack[3], f"CONNACK return code {connack[3]}")
             sock.sendall(b"\xe0\x00")  # DISCONNECT, so the broker logs a clean goodbye
             return None
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # refused, timed out, reset, TLS errors
         return f"{type(exc).__name__}: {exc}"
 
 

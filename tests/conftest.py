@@ -32,6 +32,7 @@ from soundfleet.services import (
     parse_mqtt_url,
     probe_mqtt,
     probe_redis,
+    redact_url,
 )
 
 MQTT_URL_ENV = "SOUNDFLEET_TEST_MQTT_URL"
@@ -53,7 +54,7 @@ class ServicePlan:
 @functools.cache
 def mqtt_plan() -> ServicePlan:
     if url := os.environ.get(MQTT_URL_ENV):
-        return ServicePlan(url, f"{url} (from {MQTT_URL_ENV})")
+        return ServicePlan(url, f"{redact_url(url)} (from {MQTT_URL_ENV})")
     if probe_mqtt(LOCAL_MQTT_URL) is None:
         return ServicePlan(LOCAL_MQTT_URL, "real broker (Mosquitto) at 127.0.0.1:1883")
     if binary := find_server_binary("mosquitto"):
@@ -65,7 +66,7 @@ def mqtt_plan() -> ServicePlan:
 @functools.cache
 def redis_plan() -> ServicePlan:
     if url := os.environ.get(REDIS_URL_ENV):
-        return ServicePlan(url, f"{url} (from {REDIS_URL_ENV})")
+        return ServicePlan(url, f"{redact_url(url)} (from {REDIS_URL_ENV})")
     if probe_redis(LOCAL_REDIS_URL) is None:
         return ServicePlan(LOCAL_REDIS_URL, f"real redis-server at 127.0.0.1:6379 "
                                             f"(v{_redis_version(LOCAL_REDIS_URL)})")
@@ -191,3 +192,47 @@ def mqtt_client_factory(mqtt_url: str) -> Iterator[Callable[..., Any]]:
         with contextlib.suppress(OSError):
             client.disconnect()
         client.loop_stop()
+
+
+# --- Ray: one local cluster and one Serve app per test session ----------------
+
+RAY_LOGICAL_CPUS = 6  # logical slots: Serve replicas and Ray Train workers share 2 real cores
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A real local Ray cluster, started once for the whole session."""
+    import ray
+
+    ray.init(num_cpus=RAY_LOGICAL_CPUS, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@dataclass
+class CloudApp:
+    config: Any  # soundfleet.config.CloudConfig
+    http_url: str
+    store: Any  # cloud.store.CloudStore
+
+
+@pytest.fixture(scope="session")
+def cloud_app(ray_session, mqtt_url: str, redis_url: str) -> Iterator[CloudApp]:
+    """The Serve application on the session's broker and Redis, under its own key prefix."""
+    from cloud.app import run_cloud
+    from cloud.store import CloudStore
+    from soundfleet.config import CloudConfig
+    from soundfleet.services import free_port
+
+    config = CloudConfig(broker_url=mqtt_url, redis_url=redis_url, http_port=free_port(),
+                         key_prefix=f"test:cloud:{uuid.uuid4().hex[:8]}:")
+    run_cloud(config)
+    store = CloudStore(redis_url, config.key_prefix)
+    yield CloudApp(config, f"http://127.0.0.1:{config.http_port}", store)
+    keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
+    if keys:
+        store.r.delete(*keys)

@@ -15,7 +15,7 @@ def run(scores, policy=EventPolicy()):
 
 
 def test_event_spans_windows_above_threshold_and_closes_below_off():
-    state, events = run([0.1, 0.8, 0.9, 0.7, 0.1])
+    state, events = run([0.1, 0.8, 0.9, 0.7, 0.1, 0.1])
     assert len(events) == 1
     event = events[0]
     assert (event.start_ns, event.end_ns) == (1 * S, 4 * S)
@@ -25,23 +25,30 @@ def test_event_spans_windows_above_threshold_and_closes_below_off():
 
 
 def test_hysteresis_keeps_one_event_through_a_dip_between_thresholds():
-    _, events = run([0.9, 0.4, 0.9, 0.1], EventPolicy(on_threshold=0.5, off_threshold=0.3))
+    _, events = run([0.9, 0.4, 0.9, 0.1, 0.1], EventPolicy(on_threshold=0.5, off_threshold=0.3, hold_windows=0))
     assert len(events) == 1 and events[0].end_ns == 3 * S
 
 
-def test_dip_below_off_threshold_splits_events_without_cooldown():
-    _, events = run([0.9, 0.1, 0.9, 0.1], EventPolicy(cooldown_ns=0))
+def test_hold_bridges_a_short_gap_but_not_a_long_one():
+    policy = EventPolicy(hold_windows=1, cooldown_ns=0)
+    _, events = run([0.9, 0.1, 0.9, 0.1, 0.1, 0.9, 0.1, 0.1], policy)
+    # the one-window gap is bridged; the two-window gap closes the event (end = last window above)
+    assert [(e.start_ns, e.end_ns) for e in events] == [(0, 3 * S), (5 * S, 6 * S)]
+
+
+def test_dip_below_off_threshold_splits_events_without_hold_or_cooldown():
+    _, events = run([0.9, 0.1, 0.9, 0.1], EventPolicy(hold_windows=0, cooldown_ns=0))
     assert [e.start_ns for e in events] == [0, 2 * S]
 
 
 def test_min_windows_suppresses_single_window_blips():
-    policy = EventPolicy(min_windows=2)
+    policy = EventPolicy(min_windows=2, hold_windows=0)
     _, events = run([0.9, 0.1, 0.9, 0.9, 0.1], policy)
     assert len(events) == 1 and events[0].start_ns == 2 * S
 
 
 def test_cooldown_blocks_restart_of_same_label():
-    policy = EventPolicy(cooldown_ns=3 * S)
+    policy = EventPolicy(cooldown_ns=3 * S, hold_windows=0)
     _, events = run([0.9, 0.1, 0.9, 0.1, 0.1, 0.9, 0.1], policy)
     # first event ends at 1 s -> cooldown until 4 s: the window at 2 s is ignored, the one at 5 s is not
     assert [e.start_ns for e in events] == [0, 5 * S]

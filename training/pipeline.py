@@ -87,7 +87,7 @@ def train_all(data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = ""
         "code_lm",
         stages.code_lm_loop,
         {
-            "spec": StageSpec("code_lm", cfg.code_lm_epochs, 1e-3, 16, cfg.seed, cfg.checkpoint_every),
+            "spec": StageSpec("code_lm", cfg.code_lm_epochs, 3e-3, 16, cfg.seed, cfg.checkpoint_every),
             "model_config": lm_config,
             "data_ref": ray.put([codes[i].numpy() for i in train_idx]),
         },

@@ -84,7 +84,9 @@ def worker_setup(config: dict) -> tuple[int, int]:
     """Seed, thread count and logging for one worker; returns (rank, world_size)."""
     import ray.train
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    # progress lines from this package only; Ray's own INFO chatter stays quiet
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    logging.getLogger("training").setLevel(logging.INFO)
     torch.set_num_threads(config["torch_threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,0 +1,722 @@
+"""The wire contract (SPEC section 2, docs/WIRE.md): round trips, units, and a named error
+for every way a payload can be wrong. Corruption must never decode silently."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+import zlib
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from shared_models.constants import (
+    DEFAULT_FRAMES_PER_MESSAGE,
+    EMBEDDING_DIM,
+    FRAME_DURATION_NS,
+    HOP_SAMPLES,
+    NS_PER_SECOND,
+    SAMPLE_RATE_HZ,
+    SILENCE_DBFS,
+)
+from shared_models.wire import (
+    CRC_BYTES,
+    FLAG_EMBEDDINGS,
+    FLAG_LOUDNESS,
+    FRAMES_SUBSCRIPTION,
+    HEADER,
+    HEADER_BYTES,
+    MAGIC,
+    MAX_FRAMES_PER_MESSAGE,
+    MAX_PAYLOAD_BYTES,
+    MIN_PAYLOAD_BYTES,
+    MODELS_EDGE_TOPIC,
+    STATUS_SUBSCRIPTION,
+    TOPIC_ROOT,
+    WIRE_VERSION,
+    BadMagic,
+    ChecksumMismatch,
+    FramesMessage,
+    InvalidField,
+    PayloadTooLarge,
+    SoundEvent,
+    StatusMessage,
+    TrailingBytes,
+    Truncated,
+    UnsupportedVersion,
+    WireError,
+    events_topic,
+    frames_topic,
+    parse_device_topic,
+    status_topic,
+    validate_name,
+)
+
+T0_NS = 1_700_000_000_000_000_000  # 2023-11-14T22:13:20Z
+U32_MAX = 2**32 - 1
+slow_ok = settings(deadline=None)  # numpy work in a few examples can exceed the 200 ms default
+
+
+# --- helpers -----------------------------------------------------------------------
+def reseal(body: bytes) -> bytes:
+    """Append a valid CRC32, so a crafted payload gets past the checksum to the check under test."""
+    return bytes(body) + struct.pack("<I", zlib.crc32(body))
+
+
+def crafted(**header_overrides: int | bytes) -> bytes:
+    """Header (defaults: one codes-only frame) + a body sized by the header, resealed."""
+    fields = {
+        "magic": MAGIC,
+        "version": WIRE_VERSION,
+        "flags": 0,
+        "codebook_id": 1,
+        "seq": 2,
+        "t_start_ns": T0_NS,
+        "sample_rate_hz": SAMPLE_RATE_HZ,
+        "hop_samples": HOP_SAMPLES,
+        "frame_count": 1,
+        "embedding_dim": 0,
+    } | header_overrides  # in HEADER's field order
+    n, dim, flags = fields["frame_count"], fields["embedding_dim"], fields["flags"]
+    body_words = (
+        n + (n if flags & FLAG_LOUDNESS else 0) + (n * dim if flags & FLAG_EMBEDDINGS else 0)
+    )
+    return reseal(HEADER.pack(*fields.values()) + bytes(2 * body_words))
+
+
+def crc_is_valid(data: bytes) -> bool:
+    return zlib.crc32(data[:-CRC_BYTES]) == int.from_bytes(data[-CRC_BYTES:], "little")
+
+
+def expected_error_for_prefix(prefix: bytes) -> type[WireError]:
+    """The exact error a strict prefix of a valid payload must raise.
+
+    Shorter than header + crc: Truncated before anything else is read. Longer: magic and
+    version are intact, so the CRC check fires, unless the last 4 bytes of the prefix happen
+    to be the CRC of the rest (odds 2**-32); then the header's length check says Truncated.
+    """
+    if len(prefix) < MIN_PAYLOAD_BYTES:
+        return Truncated
+    return Truncated if crc_is_valid(prefix) else ChecksumMismatch
+
+
+def expected_error_for_corrupt_byte(index: int) -> type[WireError]:
+    """Any change to one byte: magic -> BadMagic, version -> UnsupportedVersion, else the CRC
+    (CRC32 detects every error burst of up to 32 bits, so no single-byte change slips through)."""
+    if index < 4:
+        return BadMagic
+    if index == 4:
+        return UnsupportedVersion
+    return ChecksumMismatch
+
+
+def mqtt_matches(topic_filter: str, topic: str) -> bool:
+    """Minimal MQTT matching for '+' filters (no '#'), enough to check our subscriptions."""
+    levels, filter_levels = topic.split("/"), topic_filter.split("/")
+    return len(levels) == len(filter_levels) and all(
+        f in ("+", t) for f, t in zip(filter_levels, levels, strict=True)
+    )
+
+
+@st.composite
+def frames_messages(draw: st.DrawFn, max_frames: int = 48) -> FramesMessage:
+    n = draw(st.integers(1, max_frames))
+    float16s = st.floats(width=16, allow_nan=False, allow_infinity=False)
+    loudness = draw(st.none() | hnp.arrays(np.float16, n, elements=st.floats(-120, 0, width=16)))
+    dim = draw(st.sampled_from([1, 3, 8, EMBEDDING_DIM]))
+    embeddings = draw(st.none() | hnp.arrays(np.float16, (n, dim), elements=float16s))
+    return FramesMessage(
+        codebook_id=draw(st.integers(0, U32_MAX)),
+        seq=draw(st.integers(0, U32_MAX)),
+        t_start_ns=draw(st.integers(0, 2**62)),
+        codes=draw(hnp.arrays(np.uint16, n)),
+        sample_rate_hz=draw(st.sampled_from([SAMPLE_RATE_HZ, 8000, 44_100, 48_000, 1, U32_MAX])),
+        hop_samples=draw(st.sampled_from([HOP_SAMPLES, 1, 160, 441, 1024, 65_535])),
+        loudness_dbfs=loudness,
+        embeddings=embeddings,
+    )
+
+
+def example_message() -> FramesMessage:
+    """A small message with every section present (codes, loudness, embeddings)."""
+    return FramesMessage(
+        codebook_id=0xDEADBEEF, seq=41, t_start_ns=T0_NS, codes=[0, 1, 65_535],
+        loudness_dbfs=[SILENCE_DBFS, -20.5, 0.0], embeddings=np.linspace(-1, 1, 12).reshape(3, 4),
+    )  # fmt: skip
+
+
+# --- round trips and units -----------------------------------------------------------
+@slow_ok
+@given(frames_messages())
+def test_frames_message_round_trips_through_bytes(msg: FramesMessage) -> None:
+    data = msg.to_bytes()
+    back = FramesMessage.from_bytes(data)
+    assert back == msg
+    assert back.to_bytes() == data
+    assert back.codes.dtype == np.uint16 and back.codes.shape == (msg.frame_count,)
+    assert (back.codebook_id, back.seq, back.t_start_ns) == (
+        msg.codebook_id,
+        msg.seq,
+        msg.t_start_ns,
+    )
+    assert (back.sample_rate_hz, back.hop_samples) == (msg.sample_rate_hz, msg.hop_samples)
+    assert back.t_end_ns == msg.t_end_ns
+    has_loudness = msg.loudness_dbfs is not None
+    words = msg.frame_count * (1 + has_loudness + msg.embedding_dim)
+    assert len(data) == HEADER_BYTES + 2 * words + CRC_BYTES
+    if has_loudness:
+        assert back.loudness_dbfs.dtype == np.float16
+        np.testing.assert_array_equal(back.loudness_dbfs, msg.loudness_dbfs)
+    else:
+        assert back.loudness_dbfs is None
+    if msg.embeddings is not None:
+        assert back.embeddings.shape == msg.embeddings.shape
+        np.testing.assert_array_equal(back.embeddings, msg.embeddings)
+    else:
+        assert back.embeddings is None
+
+
+def test_from_bytes_accepts_bytearray_and_memoryview() -> None:
+    data = example_message().to_bytes()
+    assert FramesMessage.from_bytes(bytearray(data)) == example_message()
+    assert FramesMessage.from_bytes(memoryview(data)) == example_message()
+
+
+def test_sections_are_laid_out_codes_then_loudness_then_row_major_embeddings() -> None:
+    msg = example_message()
+    data = msg.to_bytes()
+    n, dim = 3, 4
+    flags = data[5]
+    assert flags == FLAG_LOUDNESS | FLAG_EMBEDDINGS
+    offset = HEADER_BYTES
+    codes = np.frombuffer(data, "<u2", n, offset)
+    loudness = np.frombuffer(data, "<f2", n, offset + 2 * n)
+    embeddings = np.frombuffer(data, "<f2", n * dim, offset + 4 * n).reshape(n, dim)
+    np.testing.assert_array_equal(codes, [0, 1, 65_535])
+    np.testing.assert_array_equal(loudness, np.float16([-100.0, -20.5, 0.0]))
+    np.testing.assert_array_equal(
+        embeddings, np.linspace(-1, 1, 12).reshape(3, 4).astype(np.float16)
+    )
+    assert offset + 2 * n * (2 + dim) + CRC_BYTES == len(data)
+
+
+@given(n=st.integers(1, MAX_FRAMES_PER_MESSAGE), t_start_ns=st.integers(0, 2**62))
+def test_default_frames_last_25_ms_each(n: int, t_start_ns: int) -> None:
+    msg = FramesMessage(codebook_id=0, seq=0, t_start_ns=t_start_ns, codes=np.zeros(n, np.uint16))
+    assert (msg.sample_rate_hz, msg.hop_samples) == (SAMPLE_RATE_HZ, HOP_SAMPLES)
+    assert msg.frame_duration_ns == FRAME_DURATION_NS == 25_000_000
+    assert msg.t_end_ns - msg.t_start_ns == n * 25_000_000
+    times = msg.frame_times_ns()
+    assert times.dtype == np.int64 and times.shape == (n,)
+    assert times[0] == t_start_ns
+    assert np.all(np.diff(times) == FRAME_DURATION_NS)
+    back = FramesMessage.from_bytes(msg.to_bytes())
+    assert back.t_end_ns - back.t_start_ns == n * 25_000_000
+
+
+def test_one_default_message_is_one_second_of_audio() -> None:
+    msg = FramesMessage(
+        codebook_id=0, seq=0, t_start_ns=T0_NS, codes=np.zeros(DEFAULT_FRAMES_PER_MESSAGE, int)
+    )
+    assert msg.t_end_ns - msg.t_start_ns == NS_PER_SECOND
+
+
+@given(
+    n=st.integers(1, 500),
+    sample_rate_hz=st.integers(1, 192_000),
+    hop_samples=st.integers(1, 65_535),
+)
+def test_time_arithmetic_is_exact_integer_ns(n: int, sample_rate_hz: int, hop_samples: int) -> None:
+    msg = FramesMessage(
+        codebook_id=0, seq=0, t_start_ns=T0_NS, codes=np.zeros(n, np.uint16),
+        sample_rate_hz=sample_rate_hz, hop_samples=hop_samples,
+    )  # fmt: skip
+    assert msg.t_end_ns == T0_NS + n * hop_samples * NS_PER_SECOND // sample_rate_hz
+    expected = [T0_NS + i * hop_samples * NS_PER_SECOND // sample_rate_hz for i in range(n)]
+    assert msg.frame_times_ns().tolist() == expected
+    assert msg.frame_duration_ns == hop_samples * NS_PER_SECOND // sample_rate_hz
+
+
+def test_codes_only_one_message_per_second_is_928_bits_per_second() -> None:
+    """SPEC target: <= 1 kbit/s per stream upstream in codes-only mode (payload only)."""
+    msg = FramesMessage(codebook_id=7, seq=0, t_start_ns=T0_NS, codes=np.arange(40))
+    data = msg.to_bytes()
+    assert len(data) == 32 + 80 + 4 == 116
+    bits_per_second = len(data) * 8  # one message per second
+    assert bits_per_second == 928
+    assert bits_per_second <= 1000
+
+
+def test_arrays_are_read_only_copies() -> None:
+    codes = np.array([1, 2, 3], dtype=np.uint16)
+    loudness = np.array([-1.0, -2.0, -3.0], dtype=np.float16)
+    msg = FramesMessage(codebook_id=0, seq=0, t_start_ns=0, codes=codes, loudness_dbfs=loudness)
+    codes[0], loudness[0] = 99, 0.0
+    assert msg.codes[0] == 1 and msg.loudness_dbfs[0] == -1.0
+    assert not msg.codes.flags.writeable and not msg.loudness_dbfs.flags.writeable
+    with pytest.raises(ValueError):
+        msg.codes[0] = 5
+
+
+def test_values_are_normalised_to_wire_types() -> None:
+    msg = FramesMessage(codebook_id=np.uint32(3), seq=np.int64(4), t_start_ns=5, codes=[1, 2])
+    assert type(msg.codebook_id) is int and type(msg.seq) is int
+    assert msg.codes.dtype == np.uint16
+    rounded = FramesMessage(codebook_id=0, seq=0, t_start_ns=0, codes=[1], loudness_dbfs=[-20.123])
+    assert rounded.loudness_dbfs.dtype == np.float16 and rounded.loudness_dbfs[0] == np.float16(
+        -20.123
+    )
+
+
+# --- golden bytes --------------------------------------------------------------------
+GOLDEN_MESSAGE = FramesMessage(
+    codebook_id=0x01020304, seq=7, t_start_ns=T0_NS, codes=[1, 258, 65_535],
+    loudness_dbfs=[-100.0, 0.0, -6.0],
+)  # fmt: skip
+GOLDEN_HEADER_HEX = (
+    "53464331"  # magic b"SFC1"
+    "01"  # version 1
+    "01"  # flags: FLAG_LOUDNESS
+    "04030201"  # codebook_id 0x01020304, u32 LE
+    "07000000"  # seq 7
+    "00002a36fe9c9717"  # t_start_ns 1_700_000_000_000_000_000, u64 LE
+    "803e0000"  # sample_rate_hz 16000
+    "9001"  # hop_samples 400
+    "0300"  # frame_count 3
+    "0000"  # embedding_dim 0
+)
+GOLDEN_BODY_HEX = "01000201ffff40d6000000c6"  # codes 1 258 65535; f16 -100 0 -6
+GOLDEN_CRC_HEX = "fcb836a6"
+
+
+def test_golden_bytes_pin_the_layout() -> None:
+    assert int.from_bytes(bytes.fromhex("00002a36fe9c9717"), "little") == T0_NS
+    data = GOLDEN_MESSAGE.to_bytes()
+    assert data[:HEADER_BYTES].hex() == GOLDEN_HEADER_HEX
+    assert data.hex() == GOLDEN_HEADER_HEX + GOLDEN_BODY_HEX + GOLDEN_CRC_HEX
+    assert FramesMessage.from_bytes(bytes.fromhex(data.hex())) == GOLDEN_MESSAGE
+    assert HEADER.format == "<4sBBIIQIHHH" and HEADER_BYTES == 32
+
+
+# --- every failure mode has its named error --------------------------------------------
+def test_every_prefix_of_a_valid_payload_is_rejected_exactly() -> None:
+    data = example_message().to_bytes()
+    for cut in range(len(data)):
+        prefix = data[:cut]
+        with pytest.raises(expected_error_for_prefix(prefix)):
+            FramesMessage.from_bytes(prefix)
+    assert all(expected_error_for_prefix(data[:c]) is Truncated for c in range(MIN_PAYLOAD_BYTES))
+
+
+@slow_ok
+@given(msg=frames_messages(), data=st.data())
+def test_random_truncation_is_rejected_exactly(msg: FramesMessage, data: st.DataObject) -> None:
+    payload = msg.to_bytes()
+    prefix = payload[: data.draw(st.integers(0, len(payload) - 1), label="cut")]
+    with pytest.raises(expected_error_for_prefix(prefix)):
+        FramesMessage.from_bytes(prefix)
+
+
+@slow_ok
+@given(msg=frames_messages(), data=st.data())
+def test_short_body_with_valid_crc_is_truncated(msg: FramesMessage, data: st.DataObject) -> None:
+    body = msg.to_bytes()[:-CRC_BYTES]
+    cut = data.draw(st.integers(1, len(body) - HEADER_BYTES), label="bytes removed")
+    with pytest.raises(Truncated):
+        FramesMessage.from_bytes(reseal(body[:-cut]))
+
+
+@slow_ok
+@given(msg=frames_messages(), extra=st.binary(min_size=1, max_size=64))
+def test_long_body_with_valid_crc_is_trailing_bytes(msg: FramesMessage, extra: bytes) -> None:
+    body = msg.to_bytes()[:-CRC_BYTES]
+    with pytest.raises(TrailingBytes):
+        FramesMessage.from_bytes(reseal(body + extra))
+
+
+@slow_ok
+@given(msg=frames_messages(), extra=st.binary(min_size=1, max_size=64))
+def test_bytes_appended_after_the_crc_are_rejected(msg: FramesMessage, extra: bytes) -> None:
+    appended = msg.to_bytes() + extra
+    # The CRC is read from the last 4 bytes, so this is a checksum failure, unless those bytes
+    # happen to be a valid CRC of what precedes them; then the length check names it.
+    expected = TrailingBytes if crc_is_valid(appended) else ChecksumMismatch
+    with pytest.raises(expected):
+        FramesMessage.from_bytes(appended)
+
+
+def test_every_single_bit_flip_is_detected_with_its_named_error() -> None:
+    data = example_message().to_bytes()
+    for index in range(len(data)):
+        for bit in range(8):
+            corrupt = bytearray(data)
+            corrupt[index] ^= 1 << bit
+            with pytest.raises(expected_error_for_corrupt_byte(index)):
+                FramesMessage.from_bytes(bytes(corrupt))
+
+
+@slow_ok
+@given(msg=frames_messages(), data=st.data())
+def test_single_byte_corruption_never_decodes(msg: FramesMessage, data: st.DataObject) -> None:
+    corrupt = bytearray(msg.to_bytes())
+    index = data.draw(st.integers(0, len(corrupt) - 1), label="index")
+    corrupt[index] ^= data.draw(st.integers(1, 255), label="xor mask")
+    with pytest.raises(expected_error_for_corrupt_byte(index)):
+        FramesMessage.from_bytes(bytes(corrupt))
+
+
+def test_oversized_payload_is_rejected_before_anything_else() -> None:
+    with pytest.raises(PayloadTooLarge):
+        FramesMessage.from_bytes(b"\x00" * (MAX_PAYLOAD_BYTES + 1))
+    data = example_message().to_bytes()
+    assert FramesMessage.from_bytes(data, max_bytes=len(data)) == example_message()
+    with pytest.raises(PayloadTooLarge):
+        FramesMessage.from_bytes(data, max_bytes=len(data) - 1)
+
+
+def test_a_message_too_large_to_send_fails_to_encode() -> None:
+    n = MAX_FRAMES_PER_MESSAGE  # 4000 frames x 64 float16 dims = 512 KB > 256 KiB
+    msg = FramesMessage(
+        codebook_id=0,
+        seq=0,
+        t_start_ns=0,
+        codes=np.zeros(n, int),
+        embeddings=np.zeros((n, EMBEDDING_DIM)),
+    )
+    with pytest.raises(PayloadTooLarge):
+        msg.to_bytes()
+    biggest_codes_only = FramesMessage(codebook_id=0, seq=0, t_start_ns=0, codes=np.ones(n, int))
+    assert FramesMessage.from_bytes(biggest_codes_only.to_bytes()) == biggest_codes_only
+
+
+@given(version=st.integers(0, 255).filter(lambda v: v != WIRE_VERSION))
+def test_unknown_version_is_named_even_with_a_valid_crc(version: int) -> None:
+    for payload in (crafted(version=version), reseal(crafted(version=version) + b"v2 extras")):
+        with pytest.raises(UnsupportedVersion) as info:
+            FramesMessage.from_bytes(payload)
+        assert f"version {version}" in str(info.value)
+        assert f"supported: {WIRE_VERSION}" in str(info.value)
+
+
+@given(magic=st.binary(min_size=4, max_size=4).filter(lambda m: m != MAGIC))
+def test_wrong_magic_is_bad_magic_even_with_a_valid_crc(magic: bytes) -> None:
+    with pytest.raises(BadMagic):
+        FramesMessage.from_bytes(crafted(magic=magic))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"frame_count": 0},
+        {"hop_samples": 0},
+        {"sample_rate_hz": 0},
+        {"flags": 0x04},
+        {"flags": 0x80 | FLAG_LOUDNESS},
+        {"flags": FLAG_EMBEDDINGS, "embedding_dim": 0},
+        {"flags": 0, "embedding_dim": 4},
+        {"t_start_ns": 2**63},
+        {"frame_count": MAX_FRAMES_PER_MESSAGE + 1},
+    ],
+    ids=repr,
+)
+def test_invalid_header_fields_with_a_valid_crc_are_invalid_field(overrides: dict) -> None:
+    with pytest.raises(InvalidField):
+        FramesMessage.from_bytes(crafted(**overrides))
+
+
+def test_non_finite_loudness_on_the_wire_is_invalid_field() -> None:
+    header = HEADER.pack(MAGIC, WIRE_VERSION, FLAG_LOUDNESS, 0, 0, T0_NS, 16000, 400, 1, 0)
+    nan16 = np.array([np.nan], dtype="<f2").tobytes()
+    with pytest.raises(InvalidField):
+        FramesMessage.from_bytes(reseal(header + b"\x01\x00" + nan16))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"codes": []},
+        {"codes": [65_536]},
+        {"codes": [-1]},
+        {"codes": [[1, 2]]},
+        {"codes": [1.5]},
+        {"codes": [True]},
+        {"codes": np.zeros(MAX_FRAMES_PER_MESSAGE + 1)},
+        {"hop_samples": 0},
+        {"hop_samples": 65_536},
+        {"sample_rate_hz": 0},
+        {"sample_rate_hz": 2**32},
+        {"seq": -1},
+        {"seq": 2**32},
+        {"codebook_id": 2**32},
+        {"codebook_id": True},
+        {"t_start_ns": -1},
+        {"t_start_ns": 2**63 - 1},  # t_end_ns would not fit in int64
+        {"t_start_ns": 1.5e18},
+        {"loudness_dbfs": [-1.0]},
+        {"loudness_dbfs": [-1.0, float("inf")]},
+        {"loudness_dbfs": [-1.0, 1e6]},  # overflows float16
+        {"loudness_dbfs": ["a", "b"]},
+        {"embeddings": [1.0, 2.0]},
+        {"embeddings": np.zeros((3, 4))},
+        {"embeddings": np.zeros((2, 0))},
+        {"embeddings": [[0.0], [np.nan]]},
+    ],
+    ids=lambda kw: ",".join(f"{k}={str(v)[:20]}" for k, v in kw.items()),
+)
+def test_invalid_fields_are_rejected_at_construction(kwargs: dict) -> None:
+    fields = {"codebook_id": 1, "seq": 2, "t_start_ns": T0_NS, "codes": [3, 4]} | kwargs
+    with pytest.raises(InvalidField):
+        FramesMessage(**fields)
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_raise_only_wire_errors(data: bytes) -> None:
+    with contextlib.suppress(WireError):  # any other exception fails the test
+        FramesMessage.from_bytes(data)
+
+
+@given(st.binary(min_size=HEADER_BYTES - 5, max_size=200))
+def test_resealed_random_bodies_decode_or_raise_only_wire_errors(rest: bytes) -> None:
+    payload = reseal(MAGIC + bytes([WIRE_VERSION]) + rest)
+    try:
+        msg = FramesMessage.from_bytes(payload)
+    except WireError:
+        return
+    assert msg.to_bytes() == payload  # anything that decodes re-encodes to the same bytes
+
+
+def test_wire_errors_are_value_errors() -> None:
+    for error in (BadMagic, UnsupportedVersion, Truncated, TrailingBytes, ChecksumMismatch,
+                  PayloadTooLarge, InvalidField):  # fmt: skip
+        assert issubclass(error, WireError) and issubclass(error, ValueError)
+
+
+# --- status JSON ----------------------------------------------------------------------
+@given(
+    state=st.sampled_from(["online", "offline"]),
+    agent_version=st.text(max_size=20),
+    model_version=st.text(max_size=20),
+    codebook_id=st.integers(0, U32_MAX),
+    t_ns=st.integers(0, 2**63 - 1),
+)
+def test_status_round_trips_through_json(**fields: object) -> None:
+    msg = StatusMessage(**fields)
+    data = msg.to_bytes()
+    assert StatusMessage.from_bytes(data) == msg
+    assert json.loads(data) == fields
+
+
+def test_last_will_status_is_minimal_offline() -> None:
+    data = StatusMessage("offline").to_bytes()
+    assert json.loads(data) == {
+        "state": "offline", "agent_version": "", "model_version": "", "codebook_id": 0, "t_ns": 0
+    }  # fmt: skip
+    assert StatusMessage.from_bytes(b'{"state": "offline"}') == StatusMessage("offline")
+
+
+def test_status_ignores_unknown_keys() -> None:
+    data = b'{"state": "online", "agent_version": "1.2", "future_field": [1, 2]}'
+    assert StatusMessage.from_bytes(data) == StatusMessage("online", agent_version="1.2")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{not json",
+        b"\xff\xfe",
+        b"[]",
+        b'"online"',
+        b"{}",
+        b'{"agent_version": "1"}',
+        b'{"state": "maybe"}',
+        b'{"state": ["online"]}',
+        b'{"state": "online", "codebook_id": "5"}',
+        b'{"state": "online", "codebook_id": -1}',
+        b'{"state": "online", "t_ns": 1.5}',
+        b'{"state": "online", "agent_version": 3}',
+    ],
+)
+def test_malformed_status_is_invalid_field(data: bytes) -> None:
+    with pytest.raises(InvalidField):
+        StatusMessage.from_bytes(data)
+
+
+def test_oversized_json_is_payload_too_large() -> None:
+    data = b'{"state": "online", "agent_version": "' + b"x" * MAX_PAYLOAD_BYTES + b'"}'
+    with pytest.raises(PayloadTooLarge):
+        StatusMessage.from_bytes(data)
+    with pytest.raises(PayloadTooLarge):
+        SoundEvent.from_bytes(data)
+
+
+# --- sound event JSON -------------------------------------------------------------------
+names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+
+
+def example_event(**overrides: object) -> SoundEvent:
+    fields = {
+        "event_id": "4f1c2a",
+        "site": "home",
+        "device": "kitchen",
+        "label": "siren",
+        "score": 0.93,
+        "start_ns": T0_NS + 123_456_789,
+        "end_ns": T0_NS + 2_000_000_000,
+        "model_version": "m-2024.1",
+        "codebook_id": 0x01020304,
+        "seq_first": 10,
+        "seq_last": 12,
+    }
+    return SoundEvent(**(fields | overrides))
+
+
+@given(
+    event_id=st.text(min_size=1, max_size=40),
+    site=names,
+    device=names,
+    label=st.sampled_from(["siren", "smoke_alarm", "glass_break"]),
+    score=st.floats(0.0, 1.0),
+    start_ns=st.integers(0, 2**62),
+    duration_ns=st.integers(0, 2**61),
+    model_version=st.text(max_size=20),
+    codebook_id=st.integers(0, U32_MAX),
+    seq_first=st.integers(0, U32_MAX),
+    seq_last=st.integers(0, U32_MAX),
+)
+def test_sound_event_round_trips_through_json(duration_ns: int, **fields: object) -> None:
+    event = SoundEvent(end_ns=fields["start_ns"] + duration_ns, **fields)
+    assert SoundEvent.from_bytes(event.to_bytes()) == event
+    assert SoundEvent.from_dict(event.to_dict()) == event
+    decoded = json.loads(event.to_bytes())
+    assert decoded["start_ns"] == event.start_ns and decoded["end_ns"] == event.end_ns
+    for iso_key, ns in (("start", event.start_ns), ("end", event.end_ns)):
+        assert decoded[iso_key].endswith("Z") and len(decoded[iso_key].split(".")[1]) == 4
+        parsed = datetime.fromisoformat(decoded[iso_key])  # Python 3.11 reads the "Z"
+        epoch_ms = (parsed - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+        assert epoch_ms == ns // 1_000_000  # milliseconds, floored
+
+
+def test_sound_event_json_has_iso_and_ns_times() -> None:
+    body = json.loads(example_event().to_bytes())
+    assert body["start"] == "2023-11-14T22:13:20.123Z"
+    assert body["end"] == "2023-11-14T22:13:22.000Z"
+    assert body["start_ns"] == T0_NS + 123_456_789
+    assert set(body) == {
+        "event_id", "site", "device", "label", "score", "start", "end", "start_ns", "end_ns",
+        "model_version", "codebook_id", "seq_first", "seq_last",
+    }  # fmt: skip
+    zero = example_event(start_ns=0, end_ns=999_999)
+    assert (zero.to_dict()["start"], zero.to_dict()["end"]) == (
+        "1970-01-01T00:00:00.000Z",
+        "1970-01-01T00:00:00.000Z",
+    )
+
+
+def test_sound_event_from_dict_ignores_the_derived_iso_fields() -> None:
+    tampered = example_event().to_dict() | {"start": "1999-01-01T00:00:00.000Z", "extra": 1}
+    assert SoundEvent.from_dict(tampered) == example_event()
+    plain = {k: v for k, v in example_event().to_dict().items() if k not in ("start", "end")}
+    assert SoundEvent.from_dict(plain) == example_event()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"score": 1.5},
+        {"score": -0.1},
+        {"score": float("nan")},
+        {"score": True},
+        {"score": "0.9"},
+        {"end_ns": T0_NS},  # before start_ns
+        {"start_ns": -1},
+        {"site": "a/b"},
+        {"device": "+"},
+        {"event_id": ""},
+        {"label": ""},
+        {"seq_last": 2**32},
+        {"codebook_id": -1},
+    ],
+    ids=repr,
+)
+def test_invalid_sound_event_fields_are_rejected(overrides: dict) -> None:
+    with pytest.raises(InvalidField):
+        example_event(**overrides)
+
+
+def test_sound_event_accepts_numpy_numbers_and_stores_python_ones() -> None:
+    event = example_event(score=np.float32(0.5), codebook_id=np.uint32(7), seq_first=np.int64(1))
+    assert type(event.score) is float and event.score == 0.5
+    assert type(event.codebook_id) is int and type(event.seq_first) is int
+    assert SoundEvent.from_bytes(event.to_bytes()) == event
+
+
+def test_sound_event_with_missing_fields_is_invalid_field() -> None:
+    body = example_event().to_dict()
+    del body["label"]
+    with pytest.raises(InvalidField, match="label"):
+        SoundEvent.from_dict(body)
+    with pytest.raises(InvalidField):
+        SoundEvent.from_bytes(b"{bad json")
+
+
+# --- topics -----------------------------------------------------------------------------
+def test_topic_builders() -> None:
+    assert frames_topic("home", "kitchen-1") == "soundfleet/v1/home/kitchen-1/frames"
+    assert status_topic("home", "kitchen-1") == "soundfleet/v1/home/kitchen-1/status"
+    assert events_topic("home", "kitchen-1") == "soundfleet/v1/home/kitchen-1/events"
+    assert TOPIC_ROOT == "soundfleet/v1"
+    assert FRAMES_SUBSCRIPTION == "soundfleet/v1/+/+/frames"
+    assert STATUS_SUBSCRIPTION == "soundfleet/v1/+/+/status"
+    assert MODELS_EDGE_TOPIC == "soundfleet/v1/models/edge"
+    assert mqtt_matches(FRAMES_SUBSCRIPTION, frames_topic("a", "b"))
+    assert mqtt_matches(STATUS_SUBSCRIPTION, status_topic("a", "b"))
+    assert not mqtt_matches(FRAMES_SUBSCRIPTION, MODELS_EDGE_TOPIC)
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "+", "#", "a/b", "a+", "kitchen#1", "x" * 65, "café", "a b", "a\n", None, 5]
+)
+def test_topic_builders_reject_bad_names(bad: object) -> None:
+    for build in (frames_topic, status_topic, events_topic):
+        with pytest.raises(InvalidField):
+            build(bad, "device")
+        with pytest.raises(InvalidField):
+            build("site", bad)
+    with pytest.raises(InvalidField):
+        validate_name(bad)
+
+
+def test_longest_valid_name_is_64_chars() -> None:
+    assert validate_name("x" * 64) == "x" * 64
+
+
+@given(site=names, device=names, kind=st.sampled_from(["frames", "status", "events"]))
+def test_parse_device_topic_round_trips(site: str, device: str, kind: str) -> None:
+    build = {"frames": frames_topic, "status": status_topic, "events": events_topic}[kind]
+    assert parse_device_topic(build(site, device)) == (site, device, kind)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        MODELS_EDGE_TOPIC,
+        "soundfleet/v2/home/kitchen/frames",
+        "soundfleet/v1/home/kitchen/frames/extra",
+        "soundfleet/v1/home/kitchen/logs",
+        "soundfleet/v1/+/kitchen/frames",
+        "soundfleet/v1//kitchen/frames",
+        "soundfleet/v1/home/kitchen/",
+        "/soundfleet/v1/home/kitchen/frames",
+        "",
+        None,
+    ],
+)
+def test_parse_device_topic_rejects_other_shapes(topic: object) -> None:
+    with pytest.raises(InvalidField):
+        parse_device_topic(topic)
