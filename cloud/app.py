@@ -80,3 +80,19 @@ def run_cloud(config: CloudConfig, blocking: bool = False):
     handle = serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
     log.info("cloud app up: http://%s:%d", config.http_host, config.http_port)
     return handle
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Entry point for `serve run` / `serve deploy` YAML: ``import_path: cloud.app:app_builder``.
+
+    ``args`` are CloudConfig fields (see infra/serve.yaml); unknown ones are a clear error.
+    """
+    from soundfleet.config import ConfigError
+
+    known = {f for f in CloudConfig.__dataclass_fields__}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"unknown cloud config fields in Serve args: {', '.join(unknown)}")
+    config = CloudConfig(**args)
+    config.validate()
+    return build_app(config)

@@ -42,7 +42,7 @@ class LabelState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LabelState":
+    def from_dict(cls, data: dict) -> LabelState:
         return cls(**data)
 
 

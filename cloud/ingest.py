@@ -163,7 +163,7 @@ class Ingest:
         end_ns = message.t_end_ns
         start_ns = end_ns - self.window * FRAME_DURATION_NS
         states = self.store.load_label_states(site, device)
-        for label, p in zip(EVENT_LABELS, probs):
+        for label, p in zip(EVENT_LABELS, probs, strict=True):
             state = states.setdefault(label, event_logic.LabelState())
             closed = event_logic.step(state, self.policy, float(p), start_ns, end_ns, message.seq)
             if closed:

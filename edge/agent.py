@@ -12,16 +12,22 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
 from edge.encoder import EdgeEncoder
 from shared_models.constants import HOP_SAMPLES, NS_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
-from shared_models.wire import FramesMessage, StatusMessage, frames_topic, status_topic, validate_name
+from shared_models.wire import (
+    FramesMessage,
+    StatusMessage,
+    frames_topic,
+    status_topic,
+    validate_name,
+)
 from soundfleet.config import EdgeConfig
 from soundfleet.services import parse_mqtt_url
 

@@ -16,9 +16,10 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from shared_models.constants import DEFAULT_FRAMES_PER_MESSAGE
 
@@ -82,9 +83,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"doc": "seed of every random choice in training"})
     codebook_size: int = field(default=256, metadata={"doc": "K, the number of VQ codes"})
     frontend_hidden: int = field(default=256, metadata={"doc": "front-end hidden units (the S3 paper uses 2000)"})
-    frontend_epochs: int = field(default=15, metadata={"doc": "front-end training epochs"})
+    frontend_epochs: int = field(default=20, metadata={"doc": "front-end training epochs"})
     code_lm_epochs: int = field(default=20, metadata={"doc": "code Transformer training epochs"})
-    classifier_epochs: int = field(default=15, metadata={"doc": "classifier training epochs"})
+    classifier_epochs: int = field(default=6, metadata={"doc": "classifier training epochs"})
     holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
     checkpoint_every: int = field(default=1, metadata={"doc": "epochs between Ray Train checkpoints"})
     storage_path: str = field(default="", metadata={"doc": "Ray Train storage for checkpoints; empty = OUT/ray_runs"})

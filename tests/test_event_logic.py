@@ -5,7 +5,8 @@ from cloud.events import EventPolicy, LabelState, close, step
 S = 1_000_000_000  # ns per second
 
 
-def run(scores, policy=EventPolicy()):
+def run(scores, policy=None):
+    policy = policy or EventPolicy()
     state, events = LabelState(), []
     for i, score in enumerate(scores):
         event = step(state, policy, score, i * S, (i + 1) * S, seq=i)

@@ -19,7 +19,7 @@ import torch
 
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
 from shared_models.codebook import EdgeEncoder, codebook_id, kmeans, nearest_code
-from shared_models.constants import EVENT_LABELS, FRAMES_PER_SECOND, SAMPLE_RATE_HZ
+from shared_models.constants import EVENT_LABELS, FRAMES_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
 from shared_models.detector import classify_windows, lm_window_states
 from shared_models.frontend import FrontEndConfig, LearnedFrontEnd
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
@@ -49,7 +49,8 @@ def train_all(data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = ""
     train_idx, hold_idx = split_clips(len(framed), cfg.holdout_fraction, cfg.seed)
     log.info("corpus %s: %d clips (%d train, %d held out)", data_dir, len(framed), len(train_idx), len(hold_idx))
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # the dashboard hosts the State API that Ray Train v2 polls; without it Train logs a warning a second
+        ray.init(log_to_driver=True)
     use_gpu = None if cfg.use_gpu == "auto" else cfg.use_gpu == "true"
     run = dict(workers=cfg.workers, storage_path=storage, use_gpu=use_gpu)
     torch.manual_seed(cfg.seed)
@@ -146,17 +147,27 @@ def train_all(data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = ""
             f"python {platform.python_version()}, torch {torch.__version__}",
         },
     }
-    cloud_state = {"code_lm": code_lm.state_dict(), "classifier": classifier.state_dict()}
+    # the front end's torch weights ride along: parity checks and cloud-side audio use them
+    cloud_state = {"frontend": front_end.state_dict(), "code_lm": code_lm.state_dict(), "classifier": classifier.state_dict()}
     return write_bundle(out_dir, EdgeEncoder(front_end, centroids), centroids.numpy(), cloud_state, manifest)
 
 
 def _segments(clips: list[FramedClip]) -> tuple[np.ndarray, np.ndarray]:
-    """Cut clips into overlapping 2 s segments: (M, T, P) patches, (M, T, L) labels."""
+    """Cut clips into overlapping 2 s segments: (M, T, P) patches, (M, T, L) labels.
+
+    Each clip is cut twice, the second time shifted by half a patch, so the
+    front end sees each sound at more than one phase of the patch grid (a raw
+    waveform front end has no shift invariance of its own).
+    """
     segs, labs = [], []
     for clip in clips:
-        for start in range(0, len(clip.patches) - SEGMENT_FRAMES + 1, SEGMENT_FRAMES // 2):
-            segs.append(clip.patches[start : start + SEGMENT_FRAMES])
-            labs.append(clip.labels[start : start + SEGMENT_FRAMES])
+        audio = clip.patches.reshape(-1)  # (N * P,)
+        for shift in (0, PATCH_SAMPLES // 2):
+            n = (len(audio) - shift) // PATCH_SAMPLES
+            patches = audio[shift : shift + n * PATCH_SAMPLES].reshape(n, PATCH_SAMPLES)  # (n, P)
+            for start in range(0, n - SEGMENT_FRAMES + 1, SEGMENT_FRAMES // 2):
+                segs.append(patches[start : start + SEGMENT_FRAMES])
+                labs.append(clip.labels[start : start + SEGMENT_FRAMES])
     return np.stack(segs), np.stack(labs)
 
 
@@ -167,7 +178,7 @@ def _windows(
     context of codes ending at the window's end, and the last ``window`` states are kept."""
     context = code_lm.config.context_frames
     contexts, window_codes, targets, weights = [], [], [], []
-    for clip, clip_codes in zip(clips, codes):
+    for clip, clip_codes in zip(clips, codes, strict=True):
         for end in range(window, len(clip_codes) + 1, stride):
             contexts.append(clip_codes[max(0, end - context) : end])
             window_codes.append(clip_codes[end - window : end])
