@@ -54,6 +54,21 @@ class Inbound:
     received_ns: int
 
 
+def label_policies(config: CloudConfig, manifest: dict) -> dict[str, event_logic.EventPolicy]:
+    """One policy per label: the bundle's calibrated threshold unless the config sets one for all."""
+    policies = {}
+    for label in EVENT_LABELS:
+        on = config.on_threshold if config.on_threshold is not None else manifest.get("thresholds", {}).get(label, 0.5)
+        policies[label] = event_logic.EventPolicy(
+            on_threshold=on,
+            off_threshold=min(config.off_threshold, on),
+            min_windows=config.min_windows,
+            hold_windows=config.hold_windows,
+            cooldown_ns=int(config.cooldown_s * 1e9),
+        )
+    return policies
+
+
 @serve.deployment(num_replicas=1)
 class Ingest:
     def __init__(self, config: CloudConfig, bundle_dir: str, code_lm, classifier):
@@ -63,13 +78,7 @@ class Ingest:
         self.code_lm, self.classifier = code_lm, classifier
         self.window = self.manifest["classifier_config"]["window_frames"]
         self.context = self.manifest["code_lm_config"]["context_frames"]
-        self.policy = event_logic.EventPolicy(
-            on_threshold=config.on_threshold,
-            off_threshold=config.off_threshold,
-            min_windows=config.min_windows,
-            hold_windows=config.hold_windows,
-            cooldown_ns=int(config.cooldown_s * 1e9),
-        )
+        self.policies = label_policies(config, self.manifest)
         self.connected = threading.Event()
         per_worker = max(1, config.ingest_queue // config.ingest_workers)
         self.queues = [queue.Queue(maxsize=per_worker) for _ in range(config.ingest_workers)]
@@ -165,7 +174,7 @@ class Ingest:
         states = self.store.load_label_states(site, device)
         for label, p in zip(EVENT_LABELS, probs, strict=True):
             state = states.setdefault(label, event_logic.LabelState())
-            closed = event_logic.step(state, self.policy, float(p), start_ns, end_ns, message.seq)
+            closed = event_logic.step(state, self.policies[label], float(p), start_ns, end_ns, message.seq)
             if closed:
                 self._emit(site, device, label, closed)
         self.store.save_label_states(site, device, states)
@@ -176,7 +185,7 @@ class Ingest:
         if status.state == "offline":  # the stream ended: close whatever is still active
             states = self.store.load_label_states(site, device)
             for label, state in states.items():
-                closed = event_logic.close(state, self.policy)
+                closed = event_logic.close(state, self.policies[label])
                 if closed:
                     self._emit(site, device, label, closed)
             self.store.save_label_states(site, device, states)

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="corpus action")
     synth = data_sub.add_parser("synth", help="write a deterministic synthetic corpus (WAVs + labels)", description="Write a deterministic synthetic labelled corpus: the same seed gives the same bytes.")
     synth.add_argument("--out", required=True, type=Path, help="output directory")
-    synth.add_argument("--minutes", type=float, default=10.0, help="total audio in minutes (default 10)")
+    synth.add_argument("--minutes", type=float, default=120.0, help="total audio in minutes (default 120: the corpus the shipped bundle was trained on)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--clip-seconds", type=float, default=10.0, help="length of each clip in seconds (default 10)")
     _add_common(synth)

@@ -58,7 +58,7 @@ class CloudConfig:
     http_host: str = field(default="127.0.0.1", metadata={"doc": "HTTP API bind address"})
     http_port: int = field(default=8000, metadata={"doc": "HTTP API port"})
     key_prefix: str = field(default="sf:", metadata={"doc": "prefix of every Redis key the cloud writes"})
-    on_threshold: float = field(default=0.5, metadata={"doc": "probability at which an event starts"})
+    on_threshold: float | None = field(default=None, metadata={"doc": "probability at which an event starts; unset = the bundle's per-label calibrated thresholds"})
     off_threshold: float = field(default=0.3, metadata={"doc": "probability below which an active event ends (hysteresis)"})
     min_windows: int = field(default=1, metadata={"doc": "consecutive 1 s windows above on_threshold before an event starts"})
     hold_windows: int = field(default=1, metadata={"doc": "windows below off_threshold an active event survives (bridges short pauses)"})
@@ -70,7 +70,9 @@ class CloudConfig:
     batch_wait_timeout_s: float = field(default=0.01, metadata={"doc": "Serve dynamic batching: longest wait to fill a batch, in seconds"})
 
     def validate(self) -> None:
-        if not 0.0 < self.off_threshold <= self.on_threshold < 1.0:
+        if not 0.0 < self.off_threshold < 1.0:
+            raise ConfigError("cloud.off_threshold must be within (0, 1)")
+        if self.on_threshold is not None and not self.off_threshold <= self.on_threshold < 1.0:
             raise ConfigError("cloud thresholds need 0 < off_threshold <= on_threshold < 1")
         if self.min_windows < 1 or self.ingest_workers < 1 or self.ingest_queue < 1:
             raise ConfigError("cloud.min_windows, ingest_workers and ingest_queue must be >= 1")
@@ -84,7 +86,7 @@ class TrainConfig:
     codebook_size: int = field(default=256, metadata={"doc": "K, the number of VQ codes"})
     frontend_hidden: int = field(default=256, metadata={"doc": "front-end hidden units (the S3 paper uses 2000)"})
     frontend_epochs: int = field(default=20, metadata={"doc": "front-end training epochs"})
-    code_lm_epochs: int = field(default=20, metadata={"doc": "code Transformer training epochs"})
+    code_lm_epochs: int = field(default=12, metadata={"doc": "code Transformer training epochs"})
     classifier_epochs: int = field(default=6, metadata={"doc": "classifier training epochs"})
     holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
     checkpoint_every: int = field(default=1, metadata={"doc": "epochs between Ray Train checkpoints"})

@@ -226,11 +226,16 @@ def _train_default_bundle(bundle_dir: Path, config: Config) -> None:
     from training.corpus import synthesize_corpus
     from training.pipeline import train_all
 
-    data_dir = bundle_dir.parent / "default_corpus"
-    print(f"no model bundle at {bundle_dir}: generating the corpus and training it (a few minutes) ...", flush=True)
-    synthesize_corpus(data_dir, minutes=DEFAULT_CORPUS_MINUTES, seed=0)
+    cache = Path.home() / ".cache" / "soundfleet"
+    data_dir = cache / "default_corpus"
+    config.train.storage_path = str(cache / "ray_runs")
+    print(f"no model bundle at {bundle_dir}: generating the corpus and training it (about 6 minutes on 2 cores) ...",
+          flush=True)
+    synthesize_corpus(data_dir, minutes=DEFAULT_CORPUS_MINUTES, seed=DEFAULT_CORPUS_SEED)
     train_all(data_dir, bundle_dir, config.train, command=DEFAULT_TRAIN_COMMAND)
 
 
-DEFAULT_CORPUS_MINUTES = 10.0
-DEFAULT_TRAIN_COMMAND = "soundfleet demo (no bundle: data synth --minutes 10 --seed 0; train)"
+# how shared_models/default_bundle is made (the same commands are in its README)
+DEFAULT_CORPUS_MINUTES = 120.0
+DEFAULT_CORPUS_SEED = 0
+DEFAULT_TRAIN_COMMAND = "soundfleet demo: data synth --minutes 120 --seed 0, then train with default settings"

@@ -10,10 +10,14 @@ def window_metrics(
     targets: np.ndarray,
     weights: np.ndarray,
     labels: tuple[str, ...],
-    threshold: float = 0.5,
+    thresholds: dict[str, float] | None = None,
 ) -> dict:
-    """probs, targets, weights: (M, L). Windows with weight 0 for a label are ambiguous and skipped."""
-    pred = probs >= threshold
+    """probs, targets, weights: (M, L). Windows with weight 0 for a label are ambiguous and skipped.
+
+    ``thresholds`` maps label -> decision threshold (default 0.5 for every label).
+    """
+    cut = np.array([(thresholds or {}).get(name, 0.5) for name in labels])
+    pred = probs >= cut
     truth = targets >= 0.5
     mask = weights > 0
     per_class = {}
@@ -34,7 +38,35 @@ def window_metrics(
     scored = [c["f1"] for c in per_class.values() if c["support"] > 0]
     return {
         "macro_f1": round(float(np.mean(scored)) if scored else 0.0, 4),
-        "threshold": threshold,
+        "thresholds": {name: float(t) for name, t in zip(labels, cut, strict=True)},
         "windows": int(len(probs)),
         "per_class": per_class,
     }
+
+
+THRESHOLD_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
+
+
+def calibrate_thresholds(
+    probs: np.ndarray, targets: np.ndarray, weights: np.ndarray, labels: tuple[str, ...]
+) -> dict[str, float]:
+    """Per-label decision threshold maximising F1 on a validation split.
+
+    Ties go to the higher threshold (fewer false alarms); a label with no
+    positives in the split keeps 0.5.
+    """
+    thresholds = {}
+    for j, name in enumerate(labels):
+        m = weights[:, j] > 0
+        truth = targets[m, j] >= 0.5
+        if not truth.any():
+            thresholds[name] = 0.5
+            continue
+        best = (-1.0, 0.5)
+        for t in THRESHOLD_GRID:
+            pred = probs[m, j] >= t
+            tp = int((pred & truth).sum())
+            f1 = 2 * tp / max(int(pred.sum()) + int(truth.sum()), 1)
+            best = max(best, (f1, t))
+        thresholds[name] = best[1]
+    return thresholds

@@ -71,5 +71,37 @@ def write_bundle(
         "sha256": {name: bundle.file_sha256(out_dir / name) for name in bundle.BUNDLE_FILES},
     }
     (out_dir / bundle.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (out_dir / "README.md").write_text(bundle_readme(manifest))
     log.info("wrote bundle %s (model %s)", out_dir, manifest["model_version"])
     return manifest
+
+
+def bundle_readme(manifest: dict[str, Any]) -> str:
+    """A human-readable account of how the bundle was made (the manifest is the source of truth)."""
+    t = manifest["training"]
+    m = t["metrics"]
+    rows = "\n".join(
+        f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} | "
+        f"{m['thresholds'][label]:.2f} |"
+        for label, c in m["per_class"].items()
+    )
+    return f"""# Model bundle {manifest['model_version']}
+
+Made by `soundfleet train`; everything here is also in `manifest.json`.
+
+- command: `{t['command']}`
+- seed: {t['seed']}
+- data: `{t['data_dir']}`, sha256 `{t['data_sha256']}`
+- clips: {', '.join(f'{n} {split}' for split, n in t['clips'].items())}
+- wall time: {t['wall_time_s']} s on {t['machine']}
+- codebook: K={manifest['codebook_size']}, id {manifest['codebook_id']}, {t['codes_used']} codes used
+- wire version {manifest['wire_version']}
+
+Held-out test clips, one decision per 1 s window, at the per-label thresholds
+calibrated on the validation clips: macro-F1 **{m['macro_f1']:.3f}**
+({m['macro_f1_at_0.5']:.3f} with every threshold at 0.5), {m['windows']} windows.
+
+| label | precision | recall | F1 | positive windows | threshold |
+|---|---|---|---|---|---|
+{rows}
+"""

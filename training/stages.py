@@ -101,9 +101,10 @@ def classifier_loop(config: dict) -> None:
     centroids = torch.tensor(data["centroids"])
     model = _prepare(SceneClassifier(cls_config))
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-3)
-    # rare labels get more weight on their positives
+    # rare labels get somewhat more weight on their positives; capped low, because a
+    # large weight buys recall with false alarms, the costlier error for alert users
     pos_rate = (data["targets"] * data["weights"]).sum(0) / np.maximum(data["weights"].sum(0), 1)
-    pos_weight = torch.tensor(np.clip(0.5 / np.maximum(pos_rate, 1e-3), 1.0, 10.0), dtype=torch.float32)
+    pos_weight = torch.tensor(np.clip(0.1 / np.maximum(pos_rate, 1e-3), 1.0, 2.0), dtype=torch.float32)
     rng = np.random.default_rng(spec.seed + rank)
     for epoch in range(restore(model, opt), spec.epochs):
         started, losses = time.monotonic(), []
