@@ -40,7 +40,7 @@ from shared_models.wire import (
     parse_device_topic,
 )
 from soundfleet.config import CloudConfig
-from soundfleet.services import parse_mqtt_url
+from soundfleet.services import mqtt_client
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,7 @@ class Ingest:
 
     # --- MQTT ----------------------------------------------------------------
     def _connect(self) -> mqtt.Client:
-        endpoint = parse_mqtt_url(self.config.broker_url)
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"sf-ingest-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv311,
-        )
-        if endpoint.username:
-            client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            client.tls_set()
-        client.reconnect_delay_set(1, 30)
+        client, endpoint = mqtt_client(self.config.broker_url, f"sf-ingest-{uuid.uuid4().hex[:8]}")
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *a: self.connected.clear()
         client.on_message = self._on_message

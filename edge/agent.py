@@ -29,7 +29,7 @@ from shared_models.wire import (
     validate_name,
 )
 from soundfleet.config import EdgeConfig
-from soundfleet.services import parse_mqtt_url
+from soundfleet.services import mqtt_client
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +93,8 @@ class EdgeAgent:
 
     # --- MQTT --------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        endpoint = parse_mqtt_url(self.config.broker_url)
-        self._endpoint = endpoint
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"sf-edge-{self.config.site}-{self.config.device}",
-            protocol=mqtt.MQTTv311,
-        )
-        if endpoint.username:
-            client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            client.tls_set()
+        client, self._endpoint = mqtt_client(self.config.broker_url, f"sf-edge-{self.config.site}-{self.config.device}")
         client.max_inflight_messages_set(64)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.will_set(self._status_topic, self._status("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -106,11 +106,8 @@ def _train(args, config) -> int:
     from training.pipeline import train_all
 
     cfg = config.train
-    for name in ("workers", "seed", "codebook_size"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    if args.storage_path:
-        cfg.storage_path = str(args.storage_path)
+    _apply(cfg, {"workers": args.workers, "seed": args.seed, "codebook_size": args.codebook_size,
+                 "storage_path": str(args.storage_path) if args.storage_path else None})
     for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
         setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))
     cfg.validate()
@@ -131,9 +128,7 @@ def _edge(args, config) -> int:
                  "frames_per_message": args.frames_per_message, "realtime": args.realtime,
                  "max_seconds": args.max_seconds, "include_loudness": args.loudness,
                  "bundle_dir": str(args.bundle) if args.bundle else None}
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(cfg, name, value)
+    _apply(cfg, overrides)
     try:
         agent = EdgeAgent(cfg, state_dir=args.state_dir)
         blocks = open_source(cfg.source, cfg.frames_per_message * HOP_SAMPLES, cfg.synthetic_seed, cfg.max_seconds)
@@ -144,6 +139,13 @@ def _edge(args, config) -> int:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def _apply(section, overrides: dict) -> None:
+    """Command-line flags given (not None) override the config section's fields."""
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(section, name, value)
 
 
 def _limit(blocks, max_seconds: float):
@@ -167,9 +169,7 @@ def _cloud(args, config) -> int:
     cfg = config.cloud
     overrides = {"broker_url": args.broker, "redis_url": args.redis, "http_host": args.http_host,
                  "http_port": args.http_port, "bundle_dir": str(args.bundle) if args.bundle else None}
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(cfg, name, value)
+    _apply(cfg, overrides)
     cfg.validate()
     ray.init(include_dashboard=False)
     run_cloud(cfg)

@@ -141,12 +141,9 @@ def _tempdir():
 @contextlib.contextmanager
 def _event_listener(broker_url: str, received: list[dict]):
     """Subscribe to every device's events and print each one as it arrives."""
-    import paho.mqtt.client as mqtt
+    from soundfleet.services import mqtt_client
 
-    from soundfleet.services import parse_mqtt_url
-
-    endpoint = parse_mqtt_url(broker_url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sf-demo-{uuid.uuid4().hex[:6]}")
+    client, endpoint = mqtt_client(broker_url, f"sf-demo-{uuid.uuid4().hex[:6]}")
 
     def on_message(client, userdata, msg):
         event = json.loads(msg.payload)

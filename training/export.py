@@ -18,22 +18,25 @@ from shared_models.wire import WIRE_VERSION
 
 log = logging.getLogger(__name__)
 
-ONNX_OPSET = 17
+ONNX_OPSET = 18
 
 
 def export_edge_onnx(encoder: EdgeEncoder, path: Path, metadata: dict[str, str]) -> None:
     """Export front end + VQ with a dynamic frame count and self-describing metadata."""
     encoder = encoder.eval()
     dummy = torch.zeros(40, PATCH_SAMPLES)
+    frames = torch.export.Dim("frames", min=1, max=1_000_000)  # any number of frames per call
     torch.onnx.export(
         encoder,
         (dummy,),
         str(path),
         input_names=["patches"],
         output_names=["embeddings", "codes"],
-        dynamic_axes={"patches": {0: "frames"}, "embeddings": {0: "frames"}, "codes": {0: "frames"}},
+        dynamic_shapes={"patches": {0: frames}},
         opset_version=ONNX_OPSET,
-        dynamo=False,
+        dynamo=True,
+        external_data=False,  # one self-contained file: the edge verifies its sha256
+        verbose=False,
     )
     model = onnx.load(str(path))
     for key, value in metadata.items():

@@ -146,6 +146,35 @@ def report_epoch(
         ray.train.report({**metrics, "epoch": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def run_epochs(
+    spec: StageSpec,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    n_items: int,
+    batch_loss: Callable[[np.ndarray], torch.Tensor],
+    rank: int,
+    world: int,
+    rng: np.random.Generator | None = None,
+) -> None:
+    """The epoch loop every stage shares: resume, shard, step, report, checkpoint.
+
+    ``batch_loss`` maps a batch of item indices (this worker's shard of
+    range(n_items)) to a scalar loss. ``rng`` shuffles the items (default:
+    seeded from the stage seed and the worker's rank).
+    """
+    rng = rng or np.random.default_rng(spec.seed + rank)
+    for epoch in range(restore(model, optimizer), spec.epochs):
+        started, losses = time.monotonic(), []
+        for idx in shard_batches(n_items, spec.batch_size, rank, world, rng):
+            loss = batch_loss(idx)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
+        report_epoch(spec, epoch, metrics, model, optimizer, rank)
+
+
 def shard_batches(n: int, batch_size: int, rank: int, world: int, rng: np.random.Generator):
     """Yield index batches of this worker's shard of a shuffled range(n).
 

