@@ -136,6 +136,8 @@ class Ingest:
         try:
             site, device, kind = parse_device_topic(item.topic)
             if kind == "status":
+                if not item.payload:  # an empty retained message deletes the retained status
+                    return self.store.count("status_cleared")
                 return self._handle_status(site, device, StatusMessage.from_bytes(item.payload))
             if kind != "frames":
                 raise WireError(f"unexpected topic kind {kind!r}")

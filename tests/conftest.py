@@ -236,3 +236,14 @@ def cloud_app(ray_session, mqtt_url: str, redis_url: str) -> Iterator[CloudApp]:
     keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
     if keys:
         store.r.delete(*keys)
+
+
+@pytest.fixture
+def clear_retained(mqtt_client_factory) -> Iterator[Callable[[str], None]]:
+    """Register topics whose retained message a test leaves on the shared broker; cleared afterwards."""
+    topics: list[str] = []
+    yield topics.append
+    if topics:
+        client = mqtt_client_factory()
+        for topic in topics:
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)

@@ -21,8 +21,21 @@ FIXTURE = Path(__file__).parent / "fixtures" / "quiet_room.wav"
 
 
 def _agent_cmd(mqtt_url: str, device: str, state_dir: Path, *extra: str) -> list[str]:
+    _DEVICES.append(device)
     return [sys.executable, "-m", "soundfleet.cli", "edge", "run", "--site", "agenttest", "--device", device,
             "--broker", mqtt_url, "--state-dir", str(state_dir), *extra]
+
+
+@pytest.fixture(autouse=True)
+def _clear_statuses(clear_retained):
+    """Every agent here leaves a retained status; remove them from the shared broker afterwards."""
+    yield
+    for device in _DEVICES:
+        clear_retained(wire.status_topic("agenttest", device))
+    _DEVICES.clear()
+
+
+_DEVICES: list[str] = []
 
 
 def _collect(mqtt_client_factory, topic: str) -> list:

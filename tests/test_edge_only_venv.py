@@ -37,8 +37,10 @@ def test_edge_extra_has_no_torch_or_ray(edge_venv):
 
 
 @pytest.mark.slow
-def test_edge_only_agent_streams_a_wav_to_the_real_broker(edge_venv, mqtt_url, mqtt_client_factory, tmp_path):
+def test_edge_only_agent_streams_a_wav_to_the_real_broker(edge_venv, mqtt_url, mqtt_client_factory, tmp_path,
+                                                         clear_retained):
     device = f"edgeonly-{uuid.uuid4().hex[:6]}"
+    clear_retained(wire.status_topic("edgeonly", device))
     received: list[bytes] = []
     subscriber = mqtt_client_factory(on_message=lambda c, u, msg: received.append(bytes(msg.payload)))
     subscriber.subscribe(wire.frames_topic("edgeonly", device), qos=1)[0]

@@ -36,6 +36,16 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what() if callable(what) else what}")
 
 
+@pytest.fixture
+def device_id(clear_retained):
+    """A fresh device id whose retained status is removed from the shared broker afterwards."""
+    def make(prefix: str) -> str:
+        device = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        clear_retained(wire.status_topic(SITE, device))
+        return device
+    return make
+
+
 def _stream_wav(mqtt_url: str, device: str, wav: Path, state_dir: Path) -> EdgeAgent:
     config = EdgeConfig(broker_url=mqtt_url, site=SITE, device=device, realtime=False)
     agent = EdgeAgent(config, state_dir=state_dir)
@@ -44,8 +54,8 @@ def _stream_wav(mqtt_url: str, device: str, wav: Path, state_dir: Path) -> EdgeA
 
 
 @pytest.mark.slow
-def test_siren_wav_from_edge_agent_becomes_siren_event_in_redis(cloud_app, mqtt_url, tmp_path):
-    device = f"street-{uuid.uuid4().hex[:6]}"
+def test_siren_wav_from_edge_agent_becomes_siren_event_in_redis(cloud_app, mqtt_url, tmp_path, device_id):
+    device = device_id("street")
     agent = _stream_wav(mqtt_url, device, FIXTURES / "siren_street.wav", tmp_path)
     assert agent.stats.messages == 8 and agent.stats.frames == 8 * 40
 
@@ -78,8 +88,8 @@ def test_siren_wav_from_edge_agent_becomes_siren_event_in_redis(cloud_app, mqtt_
 
 
 @pytest.mark.slow
-def test_quiet_room_gives_no_event(cloud_app, mqtt_url, tmp_path):
-    device = f"quiet-{uuid.uuid4().hex[:6]}"
+def test_quiet_room_gives_no_event(cloud_app, mqtt_url, tmp_path, device_id):
+    device = device_id("quiet")
     agent = _stream_wav(mqtt_url, device, FIXTURES / "quiet_room.wav", tmp_path)
     key = f"{cloud_app.config.key_prefix}dev:{SITE}:{device}"
     _wait_for(lambda: cloud_app.store.r.hget(key, "status_state") == b"offline", 30, "the offline status")
@@ -133,3 +143,20 @@ def test_bad_payloads_are_counted_and_dead_lettered_without_crashing(cloud_app, 
     _wait_for(lambda: cloud_app.store.metrics().get("duplicates", 0) > after.get("duplicates", 0), 30, "a duplicate")
     health = httpx.get(f"{cloud_app.http_url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["workers_alive"] == cloud_app.config.ingest_workers
+
+
+@pytest.mark.slow
+def test_clearing_a_retained_status_is_not_a_bad_payload(cloud_app, mqtt_client_factory, device_id):
+    device = device_id("cleared")
+    topic = wire.status_topic(SITE, device)
+    before = cloud_app.store.metrics()
+    client = mqtt_client_factory()
+    online = wire.StatusMessage(state="online", agent_version="test").to_bytes()
+    client.publish(topic, online, qos=1, retain=True).wait_for_publish(5)
+    client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # MQTT's "delete retained"
+    _wait_for(lambda: cloud_app.store.metrics().get("status_cleared", 0) > before.get("status_cleared", 0), 30,
+              "the cleared status to be counted")
+    key = f"{cloud_app.config.key_prefix}dev:{SITE}:{device}"
+    assert cloud_app.store.r.hget(key, "status_state") == b"online"
+    letters = cloud_app.store.r.xrange(cloud_app.config.key_prefix + "deadletter")
+    assert not [f for _, f in letters if f[b"topic"].decode() == topic]
