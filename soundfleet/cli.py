@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--codebook-size", type=int, help="number of VQ codes K (default 256)")
     train.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.2 for a smoke run)")
     train.add_argument("--storage-path", type=Path, help="Ray Train checkpoint storage (default OUT/ray_runs)")
+    train.add_argument("--resume", action="store_true", help="continue the latest run under the storage path from its checkpoints instead of starting a new run")
     _add_common(train)
 
     edge = sub.add_parser("edge", help="the edge agent", description="Run the edge agent (needs only the `edge` extra).")
@@ -103,6 +104,7 @@ def _data(args, config) -> int:
 
 
 def _train(args, config) -> int:
+    from training.corpus import CorpusError
     from training.pipeline import train_all
 
     cfg = config.train
@@ -111,7 +113,12 @@ def _train(args, config) -> int:
     for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
         setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))
     cfg.validate()
-    manifest = train_all(args.data, args.out, cfg, command="soundfleet " + " ".join(args.argv))
+    try:
+        manifest = train_all(args.data, args.out, cfg, command="soundfleet " + " ".join(args.argv),
+                             resume=args.resume)
+    except (CorpusError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
     log.info("bundle %s written to %s; held-out macro-F1 %.3f", manifest["model_version"], args.out,
              manifest["training"]["metrics"]["macro_f1"])
     return 0

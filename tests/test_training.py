@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -45,8 +46,10 @@ def test_tiny_training_run_exports_a_self_describing_bundle(ray_session, tmp_pat
     assert meta["data_sha256"] == training["data_sha256"]
 
     # Ray Train wrote checkpoints for each stage, and the cloud weights load
-    runs = out / "ray_runs"
+    run_dir = Path(training["run_dir"])
+    assert run_dir.parent == out / "ray_runs"
     for stage in ("frontend", "code_lm", "classifier"):
-        assert list((runs / stage).glob("checkpoint_*")), f"no checkpoint for {stage}"
+        assert list((run_dir / stage).glob("checkpoint_*")), f"no checkpoint for {stage}"
+        assert training["stages"][stage] == {"epochs": 2, "starts": [0]}  # uninterrupted
     weights = torch.load(out / bundle.CLOUD_WEIGHTS, weights_only=True)
     assert set(weights) == {"frontend", "code_lm", "classifier"}

@@ -29,7 +29,7 @@ from training.corpus import corpus_hash, load_corpus
 from training.dataset import FramedClip, load_framed, split_clips, window_targets
 from training.evaluate import calibrate_thresholds, window_metrics
 from training.export import write_bundle
-from training.ray_stage import StageSpec, fit_stage
+from training.ray_stage import StageSpec, fit_stage, run_directory
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,20 @@ SEGMENT_FRAMES = 2 * FRAMES_PER_SECOND  # front-end training segments: 2 s
 TRAIN_WINDOW_STRIDE = 8  # frames between classifier training windows (200 ms)
 
 
-def train_all(data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = "") -> dict[str, Any]:
-    """Train every model on the corpus at ``data_dir`` and write a bundle to ``out_dir``."""
+def train_all(
+    data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = "", resume: bool = False
+) -> dict[str, Any]:
+    """Train every model on the corpus at ``data_dir`` and write a bundle to ``out_dir``.
+
+    With ``resume``, every stage continues from the latest checkpoint of the
+    latest earlier run under the same storage path (finished stages are not redone).
+    """
     import ray
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    storage = Path(cfg.storage_path or out_dir / "ray_runs").resolve()
+    storage = run_directory(Path(cfg.storage_path or out_dir / "ray_runs"), resume)
+    log.info("%s training run %s", "resuming" if resume else "starting", storage)
     clips = load_corpus(Path(data_dir))
     framed = load_framed(clips)
     # three disjoint clip sets: train, validation (threshold calibration), held-out test (metrics)
@@ -156,6 +163,10 @@ def train_all(data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = ""
             "clips": {"train": len(train_idx), "validation": len(val_idx), "test": len(hold_idx)},
             "codes_used": int((usage > 0).sum()),
             "metrics": metrics,
+            "run_dir": str(storage),
+            # epochs at which each stage (re)started: [0] for an uninterrupted stage
+            "stages": {name: {"epochs": st["epoch"], "starts": st["starts"]}
+                       for name, st in (("frontend", fe_state), ("code_lm", lm_state), ("classifier", cls_state))},
             "wall_time_s": round(time.monotonic() - started, 1),
             "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
             f"python {platform.python_version()}, torch {torch.__version__}",

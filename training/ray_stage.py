@@ -5,10 +5,19 @@ there is more than one), an epoch loop with a checkpoint every
 ``checkpoint_every`` epochs, resume from the latest checkpoint, and the final
 model state returned to the driver. This module holds that shared shape so
 each stage only writes its model and its loss.
+
+Fault tolerance comes from Ray Train: a killed worker makes Ray Train restart
+the worker group (``FailureConfig.max_failures``) and ``get_checkpoint()``
+hands the new workers the latest checkpoint. A whole run resumes the same
+way: Ray Train v2 reloads a run's checkpoints when the run name and storage
+path are reused, so ``soundfleet train --resume`` simply reuses the latest
+run directory. Each state records ``starts``, the epochs at which the stage
+(re)started, so a resume is visible in the bundle's manifest.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import tempfile
@@ -24,6 +33,20 @@ import torch
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+RUN_PREFIX = "run-"
+
+
+def run_directory(storage_root: Path, resume: bool) -> Path:
+    """Where a training run keeps its stages' checkpoints: a new directory per run,
+    or, with ``resume``, the latest earlier one (so every stage continues from it)."""
+    storage_root = Path(storage_root).resolve()
+    if resume:
+        runs = sorted(p for p in storage_root.glob(RUN_PREFIX + "*") if p.is_dir())
+        if not runs:
+            raise FileNotFoundError(f"nothing to resume: no earlier training run in {storage_root}")
+        return runs[-1]
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")  # sorts by time
+    return storage_root / f"{RUN_PREFIX}{stamp}"
 
 
 @dataclass
@@ -48,7 +71,11 @@ def fit_stage(
     use_gpu: bool | None = None,
     max_failures: int = 2,
 ) -> dict[str, Any]:
-    """Train with ``workers`` Ray Train workers; returns the final saved state dict."""
+    """Train with ``workers`` Ray Train workers; returns the final saved state dict.
+
+    Checkpoints go to ``storage_path/name``; if that run already has
+    checkpoints, training continues from the latest one.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -95,19 +122,22 @@ def worker_setup(config: dict) -> tuple[int, int]:
     return rank, world
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load the latest checkpoint if Ray Train has one; returns the epoch to start at."""
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[int]]:
+    """Load the latest checkpoint if Ray Train has one.
+
+    Returns the epoch to start at and the list of earlier start epochs.
+    """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0
+        return 0, []
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, weights_only=False)
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     logging.getLogger(__name__).info("resumed from epoch %d", state["epoch"])
-    return state["epoch"]
+    return state["epoch"], list(state.get("starts", [0]))
 
 
 def report_epoch(
@@ -163,7 +193,9 @@ def run_epochs(
     seeded from the stage seed and the worker's rank).
     """
     rng = rng or np.random.default_rng(spec.seed + rank)
-    for epoch in range(restore(model, optimizer), spec.epochs):
+    start, starts = restore(model, optimizer)
+    starts = [*starts, start]
+    for epoch in range(start, spec.epochs):
         started, losses = time.monotonic(), []
         for idx in shard_batches(n_items, spec.batch_size, rank, world, rng):
             loss = batch_loss(idx)
@@ -172,7 +204,7 @@ def run_epochs(
             optimizer.step()
             losses.append(loss.item())
         metrics = {"loss": float(np.mean(losses)), "epoch_s": time.monotonic() - started}
-        report_epoch(spec, epoch, metrics, model, optimizer, rank)
+        report_epoch(spec, epoch, metrics, model, optimizer, rank, {"starts": starts})
 
 
 def shard_batches(n: int, batch_size: int, rank: int, world: int, rng: np.random.Generator):
