@@ -28,7 +28,7 @@ from ray import serve
 from cloud import events as event_logic
 from cloud.store import CloudStore
 from shared_models import bundle
-from shared_models.constants import EVENT_LABELS, FRAME_DURATION_NS
+from shared_models.constants import FRAME_DURATION_NS
 from shared_models.wire import (
     FRAMES_SUBSCRIPTION,
     STATUS_SUBSCRIPTION,
@@ -55,9 +55,9 @@ class Inbound:
 
 
 def label_policies(config: CloudConfig, manifest: dict) -> dict[str, event_logic.EventPolicy]:
-    """One policy per label: the bundle's calibrated threshold unless the config sets one for all."""
+    """One policy per label of the bundle: its calibrated threshold unless the config sets one for all."""
     policies = {}
-    for label in EVENT_LABELS:
+    for label in manifest["labels"]:
         on = config.on_threshold if config.on_threshold is not None else manifest.get("thresholds", {}).get(label, 0.5)
         policies[label] = event_logic.EventPolicy(
             on_threshold=on,
@@ -164,7 +164,7 @@ class Ingest:
         end_ns = message.t_end_ns
         start_ns = end_ns - self.window * FRAME_DURATION_NS
         states = self.store.load_label_states(site, device)
-        for label, p in zip(EVENT_LABELS, probs, strict=True):
+        for label, p in zip(self.manifest["labels"], probs, strict=True):
             state = states.setdefault(label, event_logic.LabelState())
             closed = event_logic.step(state, self.policies[label], float(p), start_ns, end_ns, message.seq)
             if closed:

@@ -14,24 +14,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from shared_models import bundle
-from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
-from shared_models.detector import classify_windows, lm_window_states
-from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
+from shared_models.detector import classify_windows, lm_window_states, load_cloud_models
 
 log = logging.getLogger(__name__)
-
-
-def load_cloud_models(bundle_dir: Path) -> tuple[dict, CodeTransformer, SceneClassifier, torch.Tensor]:
-    """Verify the bundle and rebuild both models from the configs saved in its manifest."""
-    manifest = bundle.verify_bundle(bundle_dir)
-    weights = torch.load(Path(bundle_dir) / bundle.CLOUD_WEIGHTS, map_location="cpu", weights_only=True)
-    code_lm = CodeTransformer(CodeTransformerConfig(**manifest["code_lm_config"]))
-    code_lm.load_state_dict(weights["code_lm"])
-    classifier = SceneClassifier(SceneClassifierConfig(**manifest["classifier_config"]))
-    classifier.load_state_dict(weights["classifier"])
-    centroids = torch.tensor(np.load(Path(bundle_dir) / bundle.CODEBOOK))
-    return manifest, code_lm.eval(), classifier.eval(), centroids
 
 
 def _device() -> torch.device:

@@ -14,21 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.constants import SAMPLE_RATE_HZ
+from shared_models.wavio import resample_linear
 
 log = logging.getLogger(__name__)
 
 
 class SourceError(RuntimeError):
     """The audio source cannot be opened or read."""
-
-
-def resample_linear(audio: np.ndarray, rate_hz: int) -> np.ndarray:
-    """Resample mono float32 audio to SAMPLE_RATE_HZ by linear interpolation (numpy only)."""
-    if rate_hz == SAMPLE_RATE_HZ:
-        return audio.astype(np.float32, copy=False)
-    n_out = int(round(len(audio) * SAMPLE_RATE_HZ / rate_hz))
-    t_out = np.arange(n_out) * (rate_hz / SAMPLE_RATE_HZ)
-    return np.interp(t_out, np.arange(len(audio)), audio).astype(np.float32)
 
 
 def file_source(path: str, block_samples: int) -> Iterator[np.ndarray]:

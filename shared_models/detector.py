@@ -7,10 +7,14 @@ of those frames) -> one probability per event label.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from shared_models.code_transformer import CodeTransformer
-from shared_models.scene_classifier import SceneClassifier
+from shared_models import bundle
+from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
+from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
 
 
 @torch.no_grad()
@@ -46,3 +50,15 @@ def classify_windows(
 ) -> torch.Tensor:
     """(B, W, C) states, (B, W) codes -> (B, L) probabilities."""
     return torch.sigmoid(classifier(lm_states, centroids[window_codes]))
+
+
+def load_cloud_models(bundle_dir: Path) -> tuple[dict, CodeTransformer, SceneClassifier, torch.Tensor]:
+    """Verify the bundle and rebuild both models from the configs saved in its manifest."""
+    manifest = bundle.verify_bundle(bundle_dir)
+    weights = torch.load(Path(bundle_dir) / bundle.CLOUD_WEIGHTS, map_location="cpu", weights_only=True)
+    code_lm = CodeTransformer(CodeTransformerConfig(**manifest["code_lm_config"]))
+    code_lm.load_state_dict(weights["code_lm"])
+    classifier = SceneClassifier(SceneClassifierConfig(**manifest["classifier_config"]))
+    classifier.load_state_dict(weights["classifier"])
+    centroids = torch.tensor(np.load(Path(bundle_dir) / bundle.CODEBOOK))
+    return manifest, code_lm.eval(), classifier.eval(), centroids

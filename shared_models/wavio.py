@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from shared_models.constants import SAMPLE_RATE_HZ
+
 PCM16_FULL_SCALE = 32767
 """The float 1.0 is written as this 16-bit code."""
 
@@ -90,6 +92,15 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate_hz: int) -> None:
         len(data),
     )  # fmt fields: format tag, channels, rate, byte rate, block align, bits
     Path(path).write_bytes(header + data)
+
+
+def resample_linear(audio: np.ndarray, rate_hz: int) -> np.ndarray:
+    """Resample mono float32 audio to SAMPLE_RATE_HZ by linear interpolation (numpy only)."""
+    if rate_hz == SAMPLE_RATE_HZ:
+        return audio.astype(np.float32, copy=False)
+    n_out = int(round(len(audio) * SAMPLE_RATE_HZ / rate_hz))
+    t_out = np.arange(n_out) * (rate_hz / SAMPLE_RATE_HZ)
+    return np.interp(t_out, np.arange(len(audio)), audio).astype(np.float32)
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

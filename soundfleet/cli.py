@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the latest run under the storage path from its checkpoints instead of starting a new run")
     _add_common(train)
 
+    ev = sub.add_parser("eval", help="evaluate a model bundle on a labelled dataset", description="Run a bundle over a labelled dataset through the edge ONNX encoder and the cloud models; print per-label precision/recall/F1, macro-F1, mAP and a confusion table as JSON.")
+    ev.add_argument("--models", type=Path, help="model bundle directory (default: the shipped bundle)")
+    ev.add_argument("--data", required=True, type=Path, help="dataset directory: built-in corpus, labelled folders, ESC-50 or FSD50K layout")
+    ev.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    _add_common(ev)
+
     edge = sub.add_parser("edge", help="the edge agent", description="Run the edge agent (needs only the `edge` extra).")
     edge_sub = edge.add_subparsers(dest="edge_command", required=True, metavar="ACTION", help="agent action")
     run = edge_sub.add_parser("run", help="stream audio as codes to MQTT", description="Read audio, compute front-end embeddings and VQ codes with onnxruntime, publish frames on MQTT at QoS 1.")
@@ -106,6 +112,7 @@ def _data(args, config) -> int:
 def _train(args, config) -> int:
     from training.corpus import CorpusError
     from training.pipeline import train_all
+    from training.sources import DatasetError
 
     cfg = config.train
     _apply(cfg, {"workers": args.workers, "seed": args.seed, "codebook_size": args.codebook_size,
@@ -116,11 +123,30 @@ def _train(args, config) -> int:
     try:
         manifest = train_all(args.data, args.out, cfg, command="soundfleet " + " ".join(args.argv),
                              resume=args.resume)
-    except (CorpusError, FileNotFoundError) as exc:
+    except (CorpusError, DatasetError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
     log.info("bundle %s written to %s; held-out macro-F1 %.3f", manifest["model_version"], args.out,
              manifest["training"]["metrics"]["macro_f1"])
+    return 0
+
+
+def _eval(args, config) -> int:
+    import json
+
+    from shared_models.bundle import BundleError, default_bundle_dir
+    from training.eval import EvalError, evaluate_bundle
+    from training.sources import DatasetError
+
+    try:
+        report = evaluate_bundle(args.models or default_bundle_dir(), args.data)
+    except (BundleError, DatasetError, EvalError) as exc:
+        log.error("%s", exc)
+        return 1
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -191,7 +217,7 @@ def _demo(args, config) -> int:
     return run_demo(args, config)
 
 
-COMMANDS = {"data": _data, "train": _train, "edge": _edge, "cloud": _cloud, "demo": _demo}
+COMMANDS = {"data": _data, "train": _train, "eval": _eval, "edge": _edge, "cloud": _cloud, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

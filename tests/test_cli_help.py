@@ -30,7 +30,7 @@ def test_every_option_of_every_command_has_help():
 
 
 def test_help_runs_for_each_subcommand_from_the_console_script():
-    for args in ([], ["data", "synth"], ["train"], ["edge", "run"], ["cloud", "up"], ["demo"]):
+    for args in ([], ["data", "synth"], ["train"], ["eval"], ["edge", "run"], ["cloud", "up"], ["demo"]):
         out = subprocess.run([sys.executable, "-m", "soundfleet.cli", *args, "--help"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "usage: soundfleet" in out.stdout

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from shared_models.constants import EVENT_LABELS
 from shared_models.frontend import FrontEndConfig
 from training import stages
 from training.corpus import load_corpus, synthesize_corpus
@@ -50,7 +51,7 @@ def _train_workers() -> list[psutil.Process]:
 def test_killed_worker_costs_only_the_epochs_since_the_last_checkpoint(ray_session, tmp_path):
     data = tmp_path / "corpus"
     synthesize_corpus(data, minutes=0.5, seed=5, progress=False)
-    segments, labels = _segments(load_framed(load_corpus(data)))
+    segments, labels = _segments(load_framed(load_corpus(data), EVENT_LABELS))
     run_dir = tmp_path / "run"
     epochs = 8  # each report waits ~1-2 s for the Train controller, so the kill lands mid-stage
     killed: list[int] = []

@@ -6,16 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_models.constants import (
-    FRAMES_PER_SECOND,
-    HOP_SAMPLES,
-    NUM_LABELS,
-    PATCH_SAMPLES,
-    label_index,
-)
-from shared_models.synth import LabelledEvent
-from shared_models.wavio import read_wav
-from training.corpus import CorpusClip
+from shared_models.constants import FRAMES_PER_SECOND, HOP_SAMPLES, PATCH_SAMPLES
+from shared_models.wavio import read_wav, resample_linear
+from training.sources import Clip
 
 
 def frame_patches(audio: np.ndarray) -> np.ndarray:
@@ -24,14 +17,19 @@ def frame_patches(audio: np.ndarray) -> np.ndarray:
     return audio[: n * PATCH_SAMPLES].reshape(n, PATCH_SAMPLES).astype(np.float32)
 
 
-def frame_labels(events: list[LabelledEvent], n_frames: int) -> np.ndarray:
-    """(N, L) float32 multi-hot: a frame is active when an event covers its centre."""
-    labels = np.zeros((n_frames, NUM_LABELS), dtype=np.float32)
+def frame_labels(events: list, n_frames: int, labels: tuple[str, ...]) -> np.ndarray:
+    """(N, L) float32 multi-hot over ``labels``: a frame is active when an event covers its centre.
+
+    ``events`` have ``label``, ``onset_s`` and ``offset_s`` (strong labels from
+    the built-in corpus, or whole-clip weak labels from external datasets).
+    """
+    index = {name: i for i, name in enumerate(labels)}
+    out = np.zeros((n_frames, len(labels)), dtype=np.float32)
     centres_s = (np.arange(n_frames) + 0.5) / FRAMES_PER_SECOND
     for ev in events:
         active = (centres_s >= ev.onset_s) & (centres_s < ev.offset_s)
-        labels[active, label_index(ev.label)] = 1.0
-    return labels
+        out[active, index[ev.label]] = 1.0
+    return out
 
 
 def window_targets(
@@ -57,12 +55,13 @@ class FramedClip:
     labels: np.ndarray  # (N, L) float32
 
 
-def load_framed(clips: list[CorpusClip]) -> list[FramedClip]:
+def load_framed(clips: list[Clip], labels: tuple[str, ...]) -> list[FramedClip]:
+    """Read, resample to 16 kHz mono and frame every clip, with frame labels over ``labels``."""
     framed = []
     for clip in clips:
-        audio, _ = read_wav(clip.wav_path)
-        patches = frame_patches(audio)
-        framed.append(FramedClip(patches, frame_labels(clip.events, len(patches))))
+        audio, rate_hz = read_wav(clip.wav_path)
+        patches = frame_patches(resample_linear(audio, rate_hz))
+        framed.append(FramedClip(patches, frame_labels(clip.events, len(patches), labels)))
     return framed
 
 

@@ -70,3 +70,45 @@ def calibrate_thresholds(
             best = max(best, (f1, t))
         thresholds[name] = best[1]
     return thresholds
+
+
+def average_precision(
+    probs: np.ndarray, targets: np.ndarray, weights: np.ndarray, labels: tuple[str, ...]
+) -> dict:
+    """Per-label average precision (area under the precision-recall steps) and their mean (mAP)."""
+    per_label = {}
+    for j, name in enumerate(labels):
+        m = weights[:, j] > 0
+        truth = targets[m, j] >= 0.5
+        if not truth.any():
+            continue
+        order = np.argsort(-probs[m, j], kind="stable")
+        hits = truth[order]
+        precision_at_hit = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
+        per_label[name] = round(float(precision_at_hit.mean()), 4)
+    mean = round(float(np.mean(list(per_label.values()))), 4) if per_label else 0.0
+    return {"mean": mean, "per_label": per_label}
+
+
+def confusion_table(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    weights: np.ndarray,
+    labels: tuple[str, ...],
+    thresholds: dict[str, float] | None = None,
+) -> dict[str, dict[str, int]]:
+    """For windows whose true label is X: how often each label (or nothing) was predicted.
+
+    Multi-label, so a window can count towards several cells; row X, column X are the hits.
+    """
+    cut = np.array([(thresholds or {}).get(name, 0.5) for name in labels])
+    pred = probs >= cut
+    table = {}
+    for j, name in enumerate(labels):
+        rows = (targets[:, j] >= 0.5) & (weights[:, j] > 0)
+        if not rows.any():
+            continue
+        counts = {labels[k]: int(pred[rows, k].sum()) for k in range(len(labels)) if pred[rows, k].any()}
+        counts["(none)"] = int((~pred[rows].any(axis=1)).sum())
+        table[name] = counts
+    return table

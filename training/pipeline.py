@@ -19,17 +19,17 @@ import torch
 
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
 from shared_models.codebook import EdgeEncoder, codebook_id, kmeans, nearest_code
-from shared_models.constants import EVENT_LABELS, FRAMES_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
+from shared_models.constants import FRAMES_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
 from shared_models.detector import classify_windows, lm_window_states
 from shared_models.frontend import FrontEndConfig, LearnedFrontEnd
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
 from soundfleet.config import TrainConfig
 from training import stages
-from training.corpus import corpus_hash, load_corpus
 from training.dataset import FramedClip, load_framed, split_clips, window_targets
 from training.evaluate import calibrate_thresholds, window_metrics
 from training.export import write_bundle
 from training.ray_stage import StageSpec, fit_stage, run_directory
+from training.sources import load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,15 @@ def train_all(
     out_dir = Path(out_dir)
     storage = run_directory(Path(cfg.storage_path or out_dir / "ray_runs"), resume)
     log.info("%s training run %s", "resuming" if resume else "starting", storage)
-    clips = load_corpus(Path(data_dir))
-    framed = load_framed(clips)
+    dataset = load_dataset(Path(data_dir))
+    labels = dataset.labels
+    framed = load_framed(dataset.clips, labels)
     # three disjoint clip sets: train, validation (threshold calibration), held-out test (metrics)
     train_idx, hold_idx = split_clips(len(framed), cfg.holdout_fraction, cfg.seed)
     fit_idx, val_idx = split_clips(len(train_idx), cfg.holdout_fraction, cfg.seed + 1)
     train_idx, val_idx = [train_idx[i] for i in fit_idx], [train_idx[i] for i in val_idx]
-    log.info("corpus %s: %d clips (%d train, %d validation, %d test)",
-             data_dir, len(framed), len(train_idx), len(val_idx), len(hold_idx))
+    log.info("%s dataset %s: %d clips (%d train, %d validation, %d test), %d labels",
+             dataset.layout, data_dir, len(framed), len(train_idx), len(val_idx), len(hold_idx), len(labels))
     if not ray.is_initialized():
         # the dashboard hosts the State API that Ray Train v2 polls; without it Train logs a warning a second
         ray.init(log_to_driver=True)
@@ -110,9 +111,11 @@ def train_all(
     code_lm.eval()
 
     # 4. classifier on code-LM states of 1 s windows
-    cls_config = SceneClassifierConfig(lm_dim=lm_config.d_model, embedding_dim=fe_config.embedding_dim)
+    cls_config = SceneClassifierConfig(
+        lm_dim=lm_config.d_model, embedding_dim=fe_config.embedding_dim, num_labels=len(labels)
+    )
     W = cls_config.window_frames
-    train_windows = _windows([framed[i] for i in train_idx], [codes[i] for i in train_idx], code_lm, W, TRAIN_WINDOW_STRIDE)
+    train_windows = window_inputs([framed[i] for i in train_idx], [codes[i] for i in train_idx], code_lm, W, TRAIN_WINDOW_STRIDE)
     cls_state = fit_stage(
         "classifier",
         stages.classifier_loop,
@@ -130,15 +133,15 @@ def train_all(
     # 5. per-label thresholds from the validation clips, then test metrics, both at
     #    deployment stride (one decision per second)
     def predict(idx: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        win = _windows([framed[i] for i in idx], [codes[i] for i in idx], code_lm, W, W)
+        win = window_inputs([framed[i] for i in idx], [codes[i] for i in idx], code_lm, W, W)
         probs = classify_windows(classifier, centroids, torch.tensor(win["states"]), torch.tensor(win["codes"]))
         return probs.numpy(), win
 
     val_probs, val = predict(val_idx)
-    thresholds = calibrate_thresholds(val_probs, val["targets"], val["weights"], EVENT_LABELS)
+    thresholds = calibrate_thresholds(val_probs, val["targets"], val["weights"], labels)
     test_probs, test = predict(hold_idx)
-    metrics = window_metrics(test_probs, test["targets"], test["weights"], EVENT_LABELS, thresholds)
-    metrics["macro_f1_at_0.5"] = window_metrics(test_probs, test["targets"], test["weights"], EVENT_LABELS)["macro_f1"]
+    metrics = window_metrics(test_probs, test["targets"], test["weights"], labels, thresholds)
+    metrics["macro_f1_at_0.5"] = window_metrics(test_probs, test["targets"], test["weights"], labels)["macro_f1"]
     log.info("held-out macro-F1 %.3f (%.3f at 0.5) over %d windows; thresholds %s",
              metrics["macro_f1"], metrics["macro_f1_at_0.5"], len(test_probs), thresholds)
 
@@ -149,7 +152,7 @@ def train_all(
         "codebook_id": cb_id,
         "codebook_size": cfg.codebook_size,
         "sample_rate_hz": SAMPLE_RATE_HZ,
-        "labels": list(EVENT_LABELS),
+        "labels": list(labels),
         "thresholds": thresholds,
         "frontend_config": dataclasses.asdict(fe_config),
         "code_lm_config": dataclasses.asdict(lm_config),
@@ -159,7 +162,8 @@ def train_all(
             "seed": cfg.seed,
             "config": dataclasses.asdict(cfg),
             "data_dir": str(data_dir),
-            "data_sha256": corpus_hash(Path(data_dir)),
+            "data_layout": dataset.layout,
+            "data_sha256": dataset.data_sha256,
             "clips": {"train": len(train_idx), "validation": len(val_idx), "test": len(hold_idx)},
             "codes_used": int((usage > 0).sum()),
             "metrics": metrics,
@@ -196,7 +200,7 @@ def _segments(clips: list[FramedClip]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(segs), np.stack(labs)
 
 
-def _windows(
+def window_inputs(
     clips: list[FramedClip], codes: list[torch.Tensor], code_lm: CodeTransformer, window: int, stride: int
 ) -> dict[str, np.ndarray]:
     """Classifier inputs exactly as the cloud computes them: the LM sees up to its

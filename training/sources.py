@@ -71,6 +71,8 @@ class Dataset:
     name: str
     data_sha256: str
     """SHA-256 over the metadata file(s) and the selected audio files, in sorted path order."""
+    layout: str = ""
+    """Which entry of :data:`LAYOUTS` loaded it."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ def load_dataset(path: Path, layout: str | None = None, **options) -> Dataset:
     elif layout not in LAYOUTS:
         raise DatasetError(f"unknown dataset layout {layout!r}; known: {', '.join(LAYOUTS)}")
     log.info("loading %s as a %s dataset", path, layout)
-    return LAYOUTS[layout].load(path, **options)
+    dataset = LAYOUTS[layout].load(path, **options)
+    dataset.layout = layout
+    return dataset
 
 
 def _is_builtin(root: Path) -> bool:
