@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="Ray Train workers per stage (default from config: 2)")
     train.add_argument("--seed", type=int, help="training seed (default 0)")
     train.add_argument("--codebook-size", type=int, help="number of VQ codes K (default 256)")
+    train.add_argument("--classifier-pooling", choices=["meanmax", "wavelet"], help="classifier pooling of intermediate embeddings (default meanmax; wavelet = S3 multi-scale pooling)")
     train.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.2 for a smoke run)")
     train.add_argument("--storage-path", type=Path, help="Ray Train checkpoint storage (default OUT/ray_runs)")
     train.add_argument("--resume", action="store_true", help="continue the latest run under the storage path from its checkpoints instead of starting a new run")
@@ -116,6 +117,7 @@ def _train(args, config) -> int:
 
     cfg = config.train
     _apply(cfg, {"workers": args.workers, "seed": args.seed, "codebook_size": args.codebook_size,
+                 "classifier_pooling": args.classifier_pooling,
                  "storage_path": str(args.storage_path) if args.storage_path else None})
     for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
         setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))

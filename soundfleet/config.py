@@ -88,6 +88,7 @@ class TrainConfig:
     frontend_epochs: int = field(default=20, metadata={"doc": "front-end training epochs"})
     code_lm_epochs: int = field(default=12, metadata={"doc": "code Transformer training epochs"})
     classifier_epochs: int = field(default=6, metadata={"doc": "classifier training epochs"})
+    classifier_pooling: str = field(default="meanmax", metadata={"doc": "classifier pooling of intermediate embeddings: 'meanmax' or 'wavelet' (S3's parameter-free multi-scale pooling)"})
     holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
     checkpoint_every: int = field(default=1, metadata={"doc": "epochs between Ray Train checkpoints"})
     storage_path: str = field(default="", metadata={"doc": "Ray Train storage for checkpoints; empty = OUT/ray_runs"})
@@ -97,6 +98,8 @@ class TrainConfig:
             raise ConfigError("train.workers must be >= 1")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError("train.use_gpu must be 'auto', 'true' or 'false'")
+        if self.classifier_pooling not in ("meanmax", "wavelet"):
+            raise ConfigError("train.classifier_pooling must be 'meanmax' or 'wavelet'")
         if not 2 <= self.codebook_size <= 65536:
             raise ConfigError("train.codebook_size must be within 2..65536 (codes are uint16)")
 

@@ -48,12 +48,14 @@ def test_esc50_layout_trains_and_evaluates_with_its_own_labels(ray_session, tmp_
     data = tmp_path / "ESC-50-master"
     _write_esc50(data)
     cfg = TrainConfig(workers=1, seed=1, codebook_size=16, frontend_hidden=32, frontend_epochs=2,
-                      code_lm_epochs=1, classifier_epochs=2, holdout_fraction=0.2)
+                      code_lm_epochs=1, classifier_epochs=2, holdout_fraction=0.2,
+                      classifier_pooling="wavelet")
     out = tmp_path / "bundle"
     manifest = train_all(data, out, cfg, command="pytest esc50")
     assert manifest["labels"] == sorted(CATEGORIES)
     assert manifest["training"]["data_layout"] == "esc50"
     assert manifest["classifier_config"]["num_labels"] == len(CATEGORIES)
+    assert manifest["classifier_config"]["pooling"] == "wavelet"  # and eval below rebuilds it from the manifest
     assert set(manifest["thresholds"]) == set(CATEGORIES)
 
     result = subprocess.run([sys.executable, "-m", "soundfleet.cli", "eval", "--models", str(out),

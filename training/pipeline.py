@@ -112,7 +112,10 @@ def train_all(
 
     # 4. classifier on code-LM states of 1 s windows
     cls_config = SceneClassifierConfig(
-        lm_dim=lm_config.d_model, embedding_dim=fe_config.embedding_dim, num_labels=len(labels)
+        lm_dim=lm_config.d_model,
+        embedding_dim=fe_config.embedding_dim,
+        num_labels=len(labels),
+        pooling=cfg.classifier_pooling,
     )
     W = cls_config.window_frames
     train_windows = window_inputs([framed[i] for i in train_idx], [codes[i] for i in train_idx], code_lm, W, TRAIN_WINDOW_STRIDE)
