@@ -84,6 +84,7 @@ class TrainConfig:
     use_gpu: str = field(default="auto", metadata={"doc": "'auto' (use GPUs when Ray sees them), 'true' or 'false'"})
     seed: int = field(default=0, metadata={"doc": "seed of every random choice in training"})
     codebook_size: int = field(default=256, metadata={"doc": "K, the number of VQ codes"})
+    kmeans_minibatch: int = field(default=0, metadata={"doc": "points per mini-batch k-means step; 0 = full-batch Lloyd's (use mini-batches for K in the thousands)"})
     frontend_hidden: int = field(default=256, metadata={"doc": "front-end hidden units (the S3 paper uses 2000)"})
     frontend_epochs: int = field(default=20, metadata={"doc": "front-end training epochs"})
     code_lm_epochs: int = field(default=12, metadata={"doc": "code Transformer training epochs"})
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ConfigError("train.workers must be >= 1")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError("train.use_gpu must be 'auto', 'true' or 'false'")
+        if self.kmeans_minibatch < 0:
+            raise ConfigError("train.kmeans_minibatch must be >= 0")
         if self.classifier_pooling not in ("meanmax", "wavelet"):
             raise ConfigError("train.classifier_pooling must be 'meanmax' or 'wavelet'")
         if not 2 <= self.codebook_size <= 65536:

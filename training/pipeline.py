@@ -89,7 +89,7 @@ def train_all(
         embeddings = [front_end(torch.tensor(c.patches)) for c in framed]
     train_emb = torch.cat([embeddings[i] for i in train_idx])
     log.info("k-means: K=%d over %d embeddings", cfg.codebook_size, len(train_emb))
-    centroids = kmeans(train_emb, cfg.codebook_size, seed=cfg.seed)
+    centroids = kmeans(train_emb, cfg.codebook_size, seed=cfg.seed, minibatch=cfg.kmeans_minibatch or None)
     codes = [nearest_code(e, centroids) for e in embeddings]
     usage = torch.bincount(torch.cat(codes), minlength=cfg.codebook_size)
     log.info("codebook: %d of %d codes used", int((usage > 0).sum()), cfg.codebook_size)
