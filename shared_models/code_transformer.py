@@ -106,6 +106,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-LN causal Transformer block; also used by the S1 sample Transformer (any config
+    with ``d_model``, ``n_heads`` and ``dropout`` will do)."""
+
     def __init__(self, config: CodeTransformerConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.d_model)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared_models.code_transformer import Block  # the same pre-LN causal block as the code LM
 from shared_models.mulaw import MU_LAW_CLASSES
 
 
@@ -55,46 +56,6 @@ class SampleTransformerConfig:
                     f"cond_stride**cond_layers = {downsample} with at least cond_tokens "
                     f"= {self.cond_tokens} blocks"
                 )
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: SampleTransformerConfig):
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
-        self.dropout = config.dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.proj(y)
-
-
-class Block(nn.Module):
-    """Pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, config: SampleTransformerConfig):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model)
-        self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, 4 * config.d_model),
-            nn.GELU(),
-            nn.Linear(4 * config.d_model, config.d_model),
-            nn.Dropout(config.dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
 
 
 class PastEncoder(nn.Module):
@@ -160,7 +121,7 @@ class SampleTransformer(nn.Module):
             raise ValueError("past given to a model without conditioning (cond_context = 0)")
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x, _ = block(x)  # the block also returns its keys/values (for streaming); unused here
         x = self.ln_f(x[:, n_prefix:])  # (B, T, C): prefix outputs predict nothing
         return self.lm_head(x)  # (B, T, V)
 
