@@ -85,6 +85,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"doc": "seed of every random choice in training"})
     codebook_size: int = field(default=256, metadata={"doc": "K, the number of VQ codes"})
     kmeans_minibatch: int = field(default=0, metadata={"doc": "points per mini-batch k-means step; 0 = full-batch Lloyd's (use mini-batches for K in the thousands)"})
+    frontend: str = field(default="dense", metadata={"doc": "edge front end: 'dense' (S3 learned front end on raw 25 ms patches) or 'autoencoder' (S2 log-mel patch autoencoder)"})
     frontend_hidden: int = field(default=256, metadata={"doc": "front-end hidden units (the S3 paper uses 2000)"})
     frontend_epochs: int = field(default=20, metadata={"doc": "front-end training epochs"})
     code_lm_epochs: int = field(default=12, metadata={"doc": "code Transformer training epochs"})
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ConfigError("train.use_gpu must be 'auto', 'true' or 'false'")
         if self.kmeans_minibatch < 0:
             raise ConfigError("train.kmeans_minibatch must be >= 0")
+        if self.frontend not in ("dense", "autoencoder"):
+            raise ConfigError("train.frontend must be 'dense' or 'autoencoder'")
         if self.classifier_pooling not in ("meanmax", "wavelet"):
             raise ConfigError("train.classifier_pooling must be 'meanmax' or 'wavelet'")
         if not 2 <= self.codebook_size <= 65536:

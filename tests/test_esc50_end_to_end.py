@@ -73,6 +73,11 @@ def test_esc50_layout_trains_and_evaluates_with_its_own_labels(ray_session, tmp_
     assert set(metrics["mAP"]["per_label"]) == set(CATEGORIES)
     assert 0.0 <= metrics["mAP"]["mean"] <= 1.0
     assert set(metrics["confusion"]) == set(CATEGORIES)
+    # the figures land beside the JSON report, and the report says where
+    assert report["plots"] == {"confusion": str(tmp_path / "confusion.png"),
+                               "per_class": str(tmp_path / "per_class.png")}
+    for name in ("confusion.png", "per_class.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_refuses_a_dataset_with_labels_the_bundle_does_not_know(tmp_path):

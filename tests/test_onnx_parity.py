@@ -11,6 +11,7 @@ import torch
 from shared_models import bundle
 from shared_models.codebook import EdgeEncoder, codebook_id
 from shared_models.frontend import FrontEndConfig, LearnedFrontEnd
+from shared_models.frontends import build_front_end
 from shared_models.wavio import read_wav
 from training.dataset import frame_patches
 from training.export import export_edge_onnx
@@ -26,7 +27,7 @@ def _real_frames() -> np.ndarray:
 
 def _torch_encoder(bundle_dir: Path) -> EdgeEncoder:
     manifest = bundle.verify_bundle(bundle_dir)
-    front_end = LearnedFrontEnd(FrontEndConfig(**manifest["frontend_config"]))
+    front_end = build_front_end(manifest.get("frontend", "dense"), manifest["frontend_config"])
     front_end.load_state_dict(torch.load(bundle_dir / bundle.CLOUD_WEIGHTS, weights_only=True)["frontend"])
     centroids = torch.tensor(np.load(bundle_dir / bundle.CODEBOOK))
     return EdgeEncoder(front_end.eval(), centroids).eval()

@@ -53,3 +53,33 @@ def test_tiny_training_run_exports_a_self_describing_bundle(ray_session, tmp_pat
         assert training["stages"][stage] == {"epochs": 2, "starts": [0]}  # uninterrupted
     weights = torch.load(out / bundle.CLOUD_WEIGHTS, weights_only=True)
     assert set(weights) == {"frontend", "code_lm", "classifier"}
+
+
+@pytest.mark.slow
+def test_autoencoder_front_end_trains_and_ships_an_edge_model_that_matches_torch(ray_session, tmp_path):
+    """`train.frontend = "autoencoder"`: the S2 log-mel autoencoder goes through the same pipeline,
+    and the bundle's edge.onnx reproduces the torch front end + VQ rebuilt from the manifest."""
+    from shared_models.codebook import EdgeEncoder
+    from shared_models.frontends import build_front_end
+    from shared_models.wavio import read_wav
+    from training.dataset import frame_patches
+
+    data = tmp_path / "corpus"
+    synthesize_corpus(data, minutes=1.0, seed=4, progress=False)
+    cfg = TrainConfig(workers=2, seed=4, frontend="autoencoder", codebook_size=16, frontend_epochs=1,
+                      code_lm_epochs=1, classifier_epochs=1, holdout_fraction=0.2)
+    out = tmp_path / "bundle"
+    manifest = train_all(data, out, cfg, command="pytest autoencoder run")
+
+    assert manifest["frontend"] == "autoencoder"
+    assert manifest["frontend_config"]["n_mels"] == 32
+    front_end = build_front_end(manifest["frontend"], manifest["frontend_config"])
+    front_end.load_state_dict(torch.load(out / bundle.CLOUD_WEIGHTS, weights_only=True)["frontend"])
+    encoder = EdgeEncoder(front_end.eval(), torch.tensor(np.load(out / bundle.CODEBOOK))).eval()
+    frames = frame_patches(read_wav(Path(__file__).parent / "fixtures" / "siren_street.wav")[0])
+    onnx_emb, onnx_codes = ort.InferenceSession(str(out / bundle.EDGE_MODEL)).run(None, {"patches": frames})
+    with torch.no_grad():
+        torch_emb, torch_codes = encoder(torch.tensor(frames))
+    assert np.abs(onnx_emb - torch_emb.numpy()).max() < 1e-4
+    assert (onnx_codes == torch_codes.numpy()).mean() > 0.99
+    assert manifest["training"]["stages"]["frontend"] == {"epochs": 1, "starts": [0]}

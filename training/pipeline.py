@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared_models.autoencoder import AutoencoderConfig
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
 from shared_models.codebook import EdgeEncoder, codebook_id, kmeans, nearest_code
 from shared_models.constants import FRAMES_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
@@ -25,6 +26,7 @@ from shared_models.frontend import FrontEndConfig, LearnedFrontEnd
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
 from soundfleet.config import TrainConfig
 from training import stages
+from training.autoencoder_stage import fit_autoencoder
 from training.dataset import FramedClip, load_framed, split_clips, window_targets
 from training.evaluate import calibrate_thresholds, window_metrics
 from training.export import write_bundle
@@ -55,9 +57,7 @@ def train_all(
     labels = dataset.labels
     framed = load_framed(dataset.clips, labels)
     # three disjoint clip sets: train, validation (threshold calibration), held-out test (metrics)
-    train_idx, hold_idx = split_clips(len(framed), cfg.holdout_fraction, cfg.seed)
-    fit_idx, val_idx = split_clips(len(train_idx), cfg.holdout_fraction, cfg.seed + 1)
-    train_idx, val_idx = [train_idx[i] for i in fit_idx], [train_idx[i] for i in val_idx]
+    train_idx, val_idx, hold_idx = train_val_test_split(len(framed), cfg)
     log.info("%s dataset %s: %d clips (%d train, %d validation, %d test), %d labels",
              dataset.layout, data_dir, len(framed), len(train_idx), len(val_idx), len(hold_idx), len(labels))
     if not ray.is_initialized():
@@ -67,22 +67,15 @@ def train_all(
     run = dict(workers=cfg.workers, storage_path=storage, use_gpu=use_gpu)
     torch.manual_seed(cfg.seed)
 
-    # 1. front end
-    fe_config = FrontEndConfig(hidden_dim=cfg.frontend_hidden)
-    segments, seg_labels = _segments([framed[i] for i in train_idx])
-    fe_state = fit_stage(
-        "frontend",
-        stages.frontend_loop,
-        {
-            "spec": StageSpec("frontend", cfg.frontend_epochs, 2e-3, 16, cfg.seed, cfg.checkpoint_every),
-            "model_config": fe_config,
-            "data_ref": ray.put({"segments": segments, "labels": seg_labels}),
-        },
-        **run,
-    )
-    front_end = LearnedFrontEnd(fe_config)
-    front_end.load_state_dict({k.removeprefix("front_end."): v for k, v in fe_state["model"].items() if k.startswith("front_end.")})
-    front_end.eval()
+    # 1. front end: S3 dense layers on raw patches, or the S2 log-mel patch autoencoder
+    train_clips = [framed[i] for i in train_idx]
+    if cfg.frontend == "autoencoder":
+        fe_config = AutoencoderConfig()
+        spec = StageSpec("frontend", cfg.frontend_epochs, 2e-3, 256, cfg.seed, cfg.checkpoint_every)
+        front_end, fe_state = fit_autoencoder(np.concatenate([c.patches for c in train_clips]), fe_config, spec, run)
+    else:
+        fe_config = FrontEndConfig(hidden_dim=cfg.frontend_hidden)
+        front_end, fe_state = fit_front_end(train_clips, fe_config, cfg, run)
 
     # 2. codebook: k-means over the training clips' embeddings
     with torch.no_grad():
@@ -96,19 +89,7 @@ def train_all(
 
     # 3. code LM
     lm_config = CodeTransformerConfig(vocab_size=cfg.codebook_size)
-    lm_state = fit_stage(
-        "code_lm",
-        stages.code_lm_loop,
-        {
-            "spec": StageSpec("code_lm", cfg.code_lm_epochs, 3e-3, 16, cfg.seed, cfg.checkpoint_every),
-            "model_config": lm_config,
-            "data_ref": ray.put([codes[i].numpy() for i in train_idx]),
-        },
-        **run,
-    )
-    code_lm = CodeTransformer(lm_config)
-    code_lm.load_state_dict(lm_state["model"])
-    code_lm.eval()
+    code_lm, lm_state = fit_code_lm([codes[i] for i in train_idx], lm_config, cfg, run)
 
     # 4. classifier on code-LM states of 1 s windows
     cls_config = SceneClassifierConfig(
@@ -119,19 +100,7 @@ def train_all(
     )
     W = cls_config.window_frames
     train_windows = window_inputs([framed[i] for i in train_idx], [codes[i] for i in train_idx], code_lm, W, TRAIN_WINDOW_STRIDE)
-    cls_state = fit_stage(
-        "classifier",
-        stages.classifier_loop,
-        {
-            "spec": StageSpec("classifier", cfg.classifier_epochs, 1e-3, 64, cfg.seed, cfg.checkpoint_every),
-            "model_config": cls_config,
-            "data_ref": ray.put({**train_windows, "centroids": centroids.numpy()}),
-        },
-        **run,
-    )
-    classifier = SceneClassifier(cls_config)
-    classifier.load_state_dict(cls_state["model"])
-    classifier.eval()
+    classifier, cls_state = fit_classifier(train_windows, centroids, cls_config, cfg, run)
 
     # 5. per-label thresholds from the validation clips, then test metrics, both at
     #    deployment stride (one decision per second)
@@ -157,6 +126,7 @@ def train_all(
         "sample_rate_hz": SAMPLE_RATE_HZ,
         "labels": list(labels),
         "thresholds": thresholds,
+        "frontend": cfg.frontend,  # shared_models.frontends kind; rebuild with build_front_end
         "frontend_config": dataclasses.asdict(fe_config),
         "code_lm_config": dataclasses.asdict(lm_config),
         "classifier_config": dataclasses.asdict(cls_config),
@@ -182,6 +152,83 @@ def train_all(
     # the front end's torch weights ride along: parity checks and cloud-side audio use them
     cloud_state = {"frontend": front_end.state_dict(), "code_lm": code_lm.state_dict(), "classifier": classifier.state_dict()}
     return write_bundle(out_dir, EdgeEncoder(front_end, centroids), centroids.numpy(), cloud_state, manifest)
+
+
+def train_val_test_split(n_clips: int, cfg: TrainConfig) -> tuple[list[int], list[int], list[int]]:
+    """Three disjoint, deterministic clip index sets: train, validation, held-out test."""
+    train_idx, hold_idx = split_clips(n_clips, cfg.holdout_fraction, cfg.seed)
+    fit_idx, val_idx = split_clips(len(train_idx), cfg.holdout_fraction, cfg.seed + 1)
+    return [train_idx[i] for i in fit_idx], [train_idx[i] for i in val_idx], hold_idx
+
+
+def fit_front_end(
+    clips: list[FramedClip], config: FrontEndConfig, cfg: TrainConfig, run: dict[str, Any], name: str = "frontend"
+) -> tuple[LearnedFrontEnd, dict[str, Any]]:
+    """Stage 1 through Ray Train: the S3 raw-patch front end, trained by frame tagging."""
+    import ray
+
+    segments, seg_labels = _segments(clips)
+    state = fit_stage(
+        name,
+        stages.frontend_loop,
+        {
+            "spec": StageSpec(name, cfg.frontend_epochs, 2e-3, 16, cfg.seed, cfg.checkpoint_every),
+            "model_config": config,
+            "data_ref": ray.put({"segments": segments, "labels": seg_labels}),
+        },
+        **run,
+    )
+    front_end = LearnedFrontEnd(config)
+    prefix = "front_end."
+    front_end.load_state_dict({k.removeprefix(prefix): v for k, v in state["model"].items() if k.startswith(prefix)})
+    return front_end.eval(), state
+
+
+def fit_code_lm(
+    sequences: list[torch.Tensor], config: CodeTransformerConfig, cfg: TrainConfig, run: dict[str, Any], name: str = "code_lm"
+) -> tuple[CodeTransformer, dict[str, Any]]:
+    """Stage 3 through Ray Train: the causal code LM on the training clips' code sequences."""
+    import ray
+
+    state = fit_stage(
+        name,
+        stages.code_lm_loop,
+        {
+            "spec": StageSpec(name, cfg.code_lm_epochs, 3e-3, 16, cfg.seed, cfg.checkpoint_every),
+            "model_config": config,
+            "data_ref": ray.put([s.numpy() for s in sequences]),
+        },
+        **run,
+    )
+    code_lm = CodeTransformer(config)
+    code_lm.load_state_dict(state["model"])
+    return code_lm.eval(), state
+
+
+def fit_classifier(
+    windows: dict[str, np.ndarray],
+    centroids: torch.Tensor,
+    config: SceneClassifierConfig,
+    cfg: TrainConfig,
+    run: dict[str, Any],
+    name: str = "classifier",
+) -> tuple[SceneClassifier, dict[str, Any]]:
+    """Stage 4 through Ray Train: the scene classifier on ``window_inputs`` windows."""
+    import ray
+
+    state = fit_stage(
+        name,
+        stages.classifier_loop,
+        {
+            "spec": StageSpec(name, cfg.classifier_epochs, 1e-3, 64, cfg.seed, cfg.checkpoint_every),
+            "model_config": config,
+            "data_ref": ray.put({**windows, "centroids": centroids.numpy()}),
+        },
+        **run,
+    )
+    classifier = SceneClassifier(config)
+    classifier.load_state_dict(state["model"])
+    return classifier.eval(), state
 
 
 def _segments(clips: list[FramedClip]) -> tuple[np.ndarray, np.ndarray]:

@@ -71,7 +71,8 @@ def fit_stage(
     use_gpu: bool | None = None,
     max_failures: int = 2,
 ) -> dict[str, Any]:
-    """Train with ``workers`` Ray Train workers; returns the final saved state dict.
+    """Train with ``workers`` Ray Train workers; returns the final saved state dict
+    (model, optimizer, epoch, starts) plus ``final_metrics``, the last epoch's report.
 
     Checkpoints go to ``storage_path/name``; if that run already has
     checkpoints, training continues from the latest one.
@@ -101,6 +102,7 @@ def fit_stage(
         raise RuntimeError(f"stage {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+    state["final_metrics"] = dict(result.metrics)  # the last epoch's reported metrics (loss, ...)
     log.info("stage %s done in %.1f s: %s", name, time.monotonic() - started, result.metrics)
     return state
 

@@ -3,6 +3,8 @@
 1. front end: LearnedFrontEnd + FrameTaggingHead on 2 s segments, frame-level BCE;
 2. code LM: CodeTransformer, next-code cross-entropy on random crops;
 3. classifier: SceneClassifier on precomputed code-LM window states, masked BCE.
+
+S2 front end (alternative to 1): PatchAutoencoder, log-mel patch reconstruction MSE.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared_models.autoencoder import PatchAutoencoder
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
 from shared_models.frontend import FrameTaggingHead, FrontEndConfig, LearnedFrontEnd
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
@@ -101,3 +104,36 @@ def classifier_loop(config: dict) -> None:
         )
 
     run_epochs(spec, model, opt, len(data["states"]), batch_loss, rank, world)
+
+
+class _AutoencoderReconstruction(PatchAutoencoder):
+    """PatchAutoencoder whose forward is the reconstruction: DDP only syncs the gradients of
+    what goes through forward, and the loss needs the decoder. Same state_dict keys."""
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.reconstruct(patches)  # (N, F) normalised features, (N, F) reconstruction
+
+
+def autoencoder_loop(config: dict) -> None:
+    """S2 front end: PatchAutoencoder, MSE between normalised log-mel features and their
+    reconstruction. The normalisation is fitted by the driver and only loaded here."""
+    import ray.train.torch
+
+    rank, world = worker_setup(config)
+    spec: StageSpec = config["spec"]
+    data = ray.get(config["data_ref"])  # patches (M, P) float32
+    model = _AutoencoderReconstruction(config["model_config"])
+    norm = config["normalisation"]  # {"mean": (F,), "std": (F,)} float32
+    model.set_normalisation(torch.as_tensor(norm["mean"]), torch.as_tensor(norm["std"]))
+    model = _prepare(model)  # after the buffers are set: DDP broadcasts rank 0's buffers
+    device = ray.train.torch.get_device()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        x = torch.tensor(data["patches"][idx]).to(device)  # (B, P)
+        # random gain: the code must describe spectral shape at any level, not one level
+        x = x * torch.empty(len(idx), 1, device=device).uniform_(0.3, 1.5)
+        features, reconstruction = model(x)
+        return F.mse_loss(reconstruction, features)
+
+    run_epochs(spec, model, opt, len(data["patches"]), batch_loss, rank, world)
