@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="Ray Train workers per stage (default from config: 2)")
     train.add_argument("--seed", type=int, help="training seed (default 0)")
     train.add_argument("--codebook-size", type=int, help="number of VQ codes K (default 256)")
+    train.add_argument("--frontend", choices=["dense", "autoencoder"], help="edge front end: dense (S3, raw 25 ms patches; default) or autoencoder (S2, log-mel patch autoencoder)")
     train.add_argument("--classifier-pooling", choices=["meanmax", "wavelet"], help="classifier pooling of intermediate embeddings (default meanmax; wavelet = S3 multi-scale pooling)")
     train.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.2 for a smoke run)")
     train.add_argument("--storage-path", type=Path, help="Ray Train checkpoint storage (default OUT/ray_runs)")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model bundle on a labelled dataset", description="Run a bundle over a labelled dataset through the edge ONNX encoder and the cloud models; print per-label precision/recall/F1, macro-F1, mAP and a confusion table as JSON.")
     ev.add_argument("--models", type=Path, help="model bundle directory (default: the shipped bundle)")
     ev.add_argument("--data", required=True, type=Path, help="dataset directory: built-in corpus, labelled folders, ESC-50 or FSD50K layout")
-    ev.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    ev.add_argument("--out", type=Path, help="also write the JSON report to this file (or DIR/eval.json if it is a directory), with confusion.png and per_class.png beside it")
     _add_common(ev)
 
     edge = sub.add_parser("edge", help="the edge agent", description="Run the edge agent (needs only the `edge` extra).")
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-host", help="HTTP API bind address (default 127.0.0.1)")
     up.add_argument("--http-port", type=int, help="HTTP API port (default 8000)")
     _add_common(up)
+
+    report = sub.add_parser("report", help="reports generated from experiments", description="Generate reports from experiments run end to end.")
+    report_sub = report.add_subparsers(dest="report_command", required=True, metavar="REPORT", help="which report")
+    rep = report_sub.add_parser("replication", help="reproduce the three papers side by side (S1, S2, S3) and write docs/results/replication.md", description="Synthesise the built-in corpus, train every S1/S2/S3 model and baseline through Ray Train on one split, and write replication.md, replication.json and the plots.")
+    rep.add_argument("--out", type=Path, default=Path("docs/results"), help="report directory (default docs/results)")
+    rep.add_argument("--work", type=Path, default=Path("runs/replication"), help="corpus and Ray Train checkpoints (default runs/replication)")
+    rep.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"], help="experiment sizes: cpu (default, < 60 min on 2 cores), gpu (the papers' sizes) or smoke (minutes; checks the command end to end)")
+    rep.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"], help="Ray Train workers on GPUs: auto (when Ray sees one), true or false")
+    _add_common(rep)
 
     demo = sub.add_parser("demo", help="end-to-end demo on embedded services", description="Start an embedded broker and Redis (unless URLs are given), the cloud app and three edge agents on a scripted scene; print events live and a table of expected vs detected.")
     demo.add_argument("--broker", help="use this MQTT broker instead of an embedded amqtt one")
@@ -117,7 +127,7 @@ def _train(args, config) -> int:
 
     cfg = config.train
     _apply(cfg, {"workers": args.workers, "seed": args.seed, "codebook_size": args.codebook_size,
-                 "classifier_pooling": args.classifier_pooling,
+                 "classifier_pooling": args.classifier_pooling, "frontend": args.frontend,
                  "storage_path": str(args.storage_path) if args.storage_path else None})
     for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
         setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))
@@ -133,6 +143,15 @@ def _train(args, config) -> int:
     return 0
 
 
+def _report(args, config) -> int:
+    from training.replication import preset, run_replication
+
+    use_gpu = None if args.use_gpu == "auto" else args.use_gpu == "true"
+    results = run_replication(args.out, args.work, preset(args.preset), args.preset,
+                              command="soundfleet " + " ".join(args.argv), use_gpu=use_gpu)
+    log.info("replication report written to %s in %.1f min", args.out / "replication.md", results["wall_s"] / 60)
+    return 0
+
 def _eval(args, config) -> int:
     import json
 
@@ -145,11 +164,35 @@ def _eval(args, config) -> int:
     except (BundleError, DatasetError, EvalError) as exc:
         log.error("%s", exc)
         return 1
+    if args.out:
+        if args.out.is_dir():
+            args.out = args.out / "eval.json"
+        report["plots"] = _eval_plots(report, args.out.parent)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
     return 0
+
+
+def _eval_plots(report: dict, out_dir: Path) -> dict[str, str]:
+    """confusion.png and per_class.png for an eval report; none without matplotlib (`train` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning("matplotlib is not installed (pip install 'soundfleet[train]'): no plots written")
+        return {}
+    from training.plots import confusion_matrix_from_table, plot_confusion, plot_per_class
+
+    metrics = report["metrics"]
+    name = f"{report['model_version']} on {Path(report['data']['path']).name}"
+    matrix, rows, cols = confusion_matrix_from_table(metrics["confusion"], list(metrics["per_class"]))
+    plots = {
+        "confusion": plot_confusion(matrix, rows, cols, out_dir / "confusion.png", f"Confusion: {name}"),
+        "per_class": plot_per_class(metrics["per_class"], out_dir / "per_class.png", f"Per class: {name}"),
+    }
+    log.info("plots written: %s", ", ".join(str(p) for p in plots.values()))
+    return {key: str(p) for key, p in plots.items()}
 
 
 def _edge(args, config) -> int:
@@ -219,7 +262,7 @@ def _demo(args, config) -> int:
     return run_demo(args, config)
 
 
-COMMANDS = {"data": _data, "train": _train, "eval": _eval, "edge": _edge, "cloud": _cloud, "demo": _demo}
+COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "cloud": _cloud, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())
