@@ -8,14 +8,12 @@ import torch
 
 from shared_models.mulaw import MU_LAW_CLASSES
 from shared_models.s1_configs import MATCH_TOLERANCE
+from training.s1_comparison import evaluate_s1, heldout_crops, run_s1_comparison
 from training.s1_stage import (
     S1Experiment,
     build_model,
     crop_samples,
-    evaluate_s1,
-    heldout_crops,
     past_samples,
-    run_s1_comparison,
     sample_crops,
     target_logits,
 )

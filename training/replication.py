@@ -31,7 +31,8 @@ from training.corpus import synthesize_corpus
 from training.dataset import load_framed
 from training.pipeline import train_val_test_split
 from training.ray_stage import run_directory
-from training.s1_stage import GPU_EXPERIMENT, S1Experiment, run_s1_comparison
+from training.s1_comparison import run_s1_comparison
+from training.s1_stage import GPU_EXPERIMENT, S1Experiment
 from training.s2_experiment import S2Experiment, run_s2
 from training.s3_experiment import S3Experiment, run_s3
 from training.sources import load_dataset
