@@ -274,6 +274,7 @@ def _bench_edge(args, config) -> int:
 
     from edge.bench import BenchError, format_table, run_edge_bench
     from shared_models.bundle import BundleError
+    from training.bench_torch import measure_torch_eager
 
     logging.getLogger("edge.sources").setLevel(logging.WARNING)  # a line per pass is noise
     try:
@@ -284,6 +285,7 @@ def _bench_edge(args, config) -> int:
             frames_per_message=config.edge.frames_per_message,
             log_level=args.log_level,
             log_format=args.log_format,
+            measure_torch=measure_torch_eager,
         )
     except (BenchError, BundleError) as exc:
         log.error("%s", exc)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edge.bench import PCM16_BPS, TARGETS, build_report, format_table, measure_torch_eager
+from edge.bench import PCM16_BPS, TARGETS, build_report, format_table
 from shared_models.bundle import default_bundle_dir
 from shared_models.constants import EMBEDDING_DIM, FRAMES_PER_SECOND
 from shared_models.wire import CRC_BYTES, HEADER_BYTES
+from training.bench_torch import measure_torch_eager
 
 FIXTURE = Path(__file__).parent / "fixtures" / "quiet_room.wav"  # 4.0 s
 
