@@ -7,8 +7,9 @@ handled in order by a single thread; the queues are bounded, so a burst
 blocks paho (and with it TCP reads from the broker) instead of growing memory.
 
 Each worker: decode (bad payloads -> dead letter, counted) -> atomic Redis
-accept (duplicates dropped, context appended) -> code LM -> classifier ->
-event logic -> events to Redis Stream and MQTT.
+accept (duplicates dropped, context appended; frames the edge's loudness gate
+sent as silent enter the context as the bundle's silence code) -> code LM ->
+classifier -> event logic -> events to Redis Stream and MQTT.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class Inbound:
     received_ns: int
 
 
+def context_codes(message: FramesMessage, silence_code: int) -> np.ndarray:
+    """(N,) codes for the device context and the code LM: the bundle's own code for digital
+    silence where the edge's loudness gate sent no code (wire.SILENT_CODE never goes further)."""
+    if message.silent is None:
+        return message.codes
+    return np.where(message.silent, silence_code, message.codes).astype(np.uint16)  # (N,)
+
+
 def label_policies(config: CloudConfig, manifest: dict) -> dict[str, event_logic.EventPolicy]:
     """One policy per label of the bundle: its calibrated threshold unless the config sets one for all."""
     policies = {}
@@ -74,6 +83,7 @@ class Ingest:
     def __init__(self, config: CloudConfig, bundle_dir: str, code_lm, classifier):
         self.config = config
         self.manifest = bundle.verify_bundle(bundle_dir)
+        self.silence_code = bundle.silence_code(bundle_dir)
         self.store = CloudStore(config.redis_url, config.key_prefix, config.events_maxlen)
         self.code_lm, self.classifier = code_lm, classifier
         self.window = self.manifest["classifier_config"]["window_frames"]
@@ -149,7 +159,8 @@ class Ingest:
             self.store.dead_letter("WrongCodebook", item.topic, item.payload,
                                    f"codebook {message.codebook_id} != {self.manifest['codebook_id']}")
             return
-        accepted = self.store.accept_frames(site, device, message.seq, message.codes, message.t_end_ns, self.context)
+        codes = context_codes(message, self.silence_code)
+        accepted = self.store.accept_frames(site, device, message.seq, codes, message.t_end_ns, self.context)
         if accepted is None:
             return
         self.store.count("accepted")
@@ -172,8 +183,10 @@ class Ingest:
         self.store.save_label_states(site, device, states)
 
     def _handle_status(self, site: str, device: str, status: StatusMessage) -> None:
-        self.store.set_status(site, device, {"state": status.state, "agent_version": status.agent_version,
-                                             "model_version": status.model_version, "t_ns": status.t_ns})
+        # an online status is a full heartbeat; an offline one (often the last will) only says so,
+        # so the device keeps its last known versions, spool depth, CPU and memory
+        fields = status.to_dict() if status.state == "online" else {"state": status.state, "t_ns": status.t_ns}
+        self.store.set_status(site, device, fields)
         if status.state == "offline":  # the stream ended: close whatever is still active
             states = self.store.load_label_states(site, device)
             for label, state in states.items():

@@ -1,80 +1,82 @@
-"""The edge agent: audio blocks -> frames messages on MQTT at QoS 1.
+"""The edge agent: audio blocks -> frames messages -> disk spool -> MQTT at QoS 1.
 
-One thread does the work: read audio, run the ONNX front end + VQ, pack with
-``shared_models.wire``, publish. paho's network loop runs in its own thread.
-Status is retained on ``.../status`` (online now, offline on a clean stop)
-and an MQTT last will publishes offline if the agent dies.
+The audio thread reads a source, cuts one message of frames at a time, runs
+the ONNX front end + VQ (`EdgeEncoder`), marks frames under the loudness gate
+as silent, packs the message (`shared_models.wire`) and appends it to the
+spool. It never waits on the network: the publisher's sender thread delivers
+spooled messages in order (see `edge.publisher`). A model rolled out on the
+retained ``soundfleet/v1/models/edge`` topic is fetched and verified on a
+third thread; the audio thread swaps to it between two messages, so no frame
+is lost and every frame after the swap carries the new codebook id.
+
+State under ``<state_dir>/<site>.<device>/``: ``spool/`` (unsent frames and
+the next sequence number), ``models/`` (rolled-out bundles) and
+``current_model`` (the one in use, kept across restarts).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from edge.encoder import EdgeEncoder, Encoded
+from edge.link import LinkSettings
+from edge.model_update import (
+    ModelUpdateError,
+    fetch_model,
+    prune_models,
+    read_current,
+    write_current,
+)
+from edge.procstat import BYTES_PER_MB, CpuMeter, rss_mb
+from edge.publisher import DryRunPublisher, Publisher, SpoolingPublisher
+from edge.spool import Spool
+from shared_models.bundle import BundleError
 from shared_models.constants import HOP_SAMPLES, NS_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
 from shared_models.wire import (
+    MODELS_EDGE_TOPIC,
     FramesMessage,
+    ModelAnnouncement,
     StatusMessage,
+    WireError,
     frames_topic,
     status_topic,
     validate_name,
 )
 from soundfleet.config import EdgeConfig
-from soundfleet.services import mqtt_client
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = "0.1.0"
-CONNECT_TIMEOUT_S = 10.0
-DRAIN_TIMEOUT_S = 30.0
+AGENT_VERSION = "0.2.0"
 
 
 @dataclass
 class AgentStats:
     messages: int = 0
     frames: int = 0
+    silent_frames: int = 0
     payload_bytes: int = 0
     audio_seconds: float = 0.0
     first_seq: int | None = None
     last_seq: int | None = None
-
-
-class SeqStore:
-    """Persists the next sequence number so a restarted agent never reuses one.
-
-    The cloud drops a frame whose seq it has already seen, so reusing a seq
-    after a restart would silently lose audio. Written atomically (rename).
-    """
-
-    def __init__(self, state_dir: Path, site: str, device: str):
-        self.path = Path(state_dir) / f"{site}.{device}.seq"
-
-    def load(self) -> int:
-        try:
-            return int(self.path.read_text().strip())
-        except FileNotFoundError:
-            return 0
-        except ValueError:
-            log.warning("corrupt sequence file %s: starting at 0", self.path)
-            return 0
-
-    def save(self, next_seq: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(str(next_seq))
-        os.replace(tmp, self.path)
+    spool_rejected: int = 0  # messages the spool could not keep (disk full, nothing left to drop)
+    unsent: int = 0  # still spooled when the run ended (sent on the next start)
+    model_swaps: int = 0
 
 
 def default_state_dir() -> Path:
+    """systemd's StateDirectory=, else the XDG state directory."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "soundfleet"
 
@@ -101,107 +103,213 @@ def pack_frames(
     seq: int,
     t_start_ns: int,
     *,
-    include_loudness: bool = False,
-    include_embeddings: bool = False,
+    payload: str = "codes",
+    gate_dbfs: float | None = None,
 ) -> FramesMessage:
-    """One chunk's encoder output as the message the agent publishes (codes-only by default)."""
+    """One chunk's encoder output as the message the agent publishes.
+
+    ``payload`` is a `soundfleet.config.PAYLOAD_MODES` name; frames quieter than
+    ``gate_dbfs`` go on the wire as silent runs instead of codes."""
+    silent = None
+    if gate_dbfs is not None:
+        silent = encoded.loudness_dbfs < gate_dbfs
+        if not silent.any():
+            silent = None
     return FramesMessage(
         codebook_id=codebook_id,
         seq=seq,
         t_start_ns=t_start_ns,
         codes=encoded.codes,
-        loudness_dbfs=encoded.loudness_dbfs if include_loudness else None,
-        embeddings=encoded.embeddings if include_embeddings else None,
+        loudness_dbfs=encoded.loudness_dbfs if payload == "codes+loudness" else None,
+        embeddings=encoded.embeddings if payload == "codes+embeddings" else None,
+        silent=silent,
     )
 
 
 class EdgeAgent:
-    def __init__(self, config: EdgeConfig, encoder: EdgeEncoder | None = None, state_dir: Path | None = None):
+    def __init__(
+        self,
+        config: EdgeConfig,
+        encoder: EdgeEncoder | None = None,
+        state_dir: Path | None = None,
+        *,
+        dry_run_out: TextIO | None = None,
+    ):
+        """``dry_run_out``: print each message there as JSON instead of sending it."""
         config.validate()
         validate_name(config.site)
         validate_name(config.device)
         self.config = config
-        self.encoder = encoder or EdgeEncoder(config.bundle_dir or None)
-        self.seq_store = SeqStore(state_dir or default_state_dir(), config.site, config.device)
+        self.started_mono = time.monotonic()
+        base = Path(state_dir or config.state_dir or default_state_dir())
+        self.device_dir = base / f"{config.site}.{config.device}"
+        self.models_dir = self.device_dir / "models"
+        self.encoder = encoder or EdgeEncoder(self._startup_bundle())
         self.stats = AgentStats()
-        self._connected = threading.Event()
-        self._client = self._make_client()
+        self.model_error = ""
+        self._next_encoder: EdgeEncoder | None = None  # handed over by the model thread
+        self._announcements: queue.Queue[ModelAnnouncement] = queue.Queue(maxsize=1)
+        self._refused: set[tuple[str, str]] = set()  # (model_version, sha256) already refused
+        self._cpu = CpuMeter()
+        self._topic = frames_topic(config.site, config.device)
+        if dry_run_out is not None:
+            self.spool = None
+            self.publisher: Publisher = DryRunPublisher(dry_run_out, self._topic)
+        else:
+            self.spool = Spool(
+                self.device_dir / "spool",
+                max_bytes=int(config.spool_max_mb * BYTES_PER_MB),
+                segment_bytes=max(4096, min(1 << 20, int(config.spool_max_mb * BYTES_PER_MB) // 8)),
+                fsync=config.spool_fsync,
+                fsync_interval_s=config.spool_fsync_interval_s,
+            )
+            subscriptions = {MODELS_EDGE_TOPIC: self._on_announcement} if config.follow_models else {}
+            self.publisher = SpoolingPublisher(
+                self.spool,
+                self._link_settings(),
+                frames_topic=self._topic,
+                status_topic=status_topic(config.site, config.device),
+                status=self._status,
+                heartbeat_s=config.heartbeat_s,
+                subscriptions=subscriptions,
+            )
 
-    # --- MQTT --------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
-        client, self._endpoint = mqtt_client(self.config.broker_url, f"sf-edge-{self.config.site}-{self.config.device}")
-        client.max_inflight_messages_set(64)
-        client.will_set(self._status_topic, self._status("offline"), qos=1, retain=True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        return client
+    def _startup_bundle(self) -> Path | None:
+        """The last model rolled out to this device, if it still verifies; else the configured one."""
+        if self.config.follow_models and (current := read_current(self.device_dir)) is not None:
+            log.info("using the rolled-out model at %s", current)
+            return current
+        return Path(self.config.bundle_dir) if self.config.bundle_dir else None
 
-    @property
-    def _status_topic(self) -> str:
-        return status_topic(self.config.site, self.config.device)
+    def _link_settings(self) -> LinkSettings:
+        c = self.config
+        return LinkSettings(
+            broker_url=c.broker_url,
+            client_id=f"sf-edge-{c.site}-{c.device}",
+            username=c.username,
+            password=c.password,
+            tls_ca_file=c.tls_ca_file,
+            tls_cert_file=c.tls_cert_file,
+            tls_key_file=c.tls_key_file,
+            tls_insecure=c.tls_insecure,
+            reconnect_min_s=c.reconnect_min_s,
+            reconnect_max_s=c.reconnect_max_s,
+            max_inflight=c.max_inflight,
+        )
 
+    # --- status -------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
+        spool = self.spool.stats() if self.spool is not None else None
+        live = state == "online"
         return StatusMessage(
             state=state,
             agent_version=AGENT_VERSION,
             model_version=self.encoder.model_version,
             codebook_id=self.encoder.codebook_id,
             t_ns=time.time_ns(),
+            uptime_s=round(time.monotonic() - self.started_mono, 1) if live else 0.0,
+            spool_depth=spool.depth if spool else 0,
+            spool_dropped=spool.dropped if spool else 0,
+            cpu_percent=round(self._cpu.percent(), 1) if live else 0.0,
+            rss_mb=round(rss_mb(), 1) if live else 0.0,
+            model_error=self.model_error,
         ).to_bytes()
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused connection: %s", reason_code)
+    # --- model rollout --------------------------------------------------------------------
+    def _on_announcement(self, payload: bytes) -> None:  # paho's network thread: no I/O here
+        if not payload:
+            return  # the retained announcement was cleared
+        try:
+            announcement = ModelAnnouncement.from_bytes(payload)
+        except WireError as exc:
+            self._refuse("?", f"malformed model announcement: {exc}")
             return
-        log.info("connected to %s", self.config.broker_url)
-        client.publish(self._status_topic, self._status("online"), qos=1, retain=True)
-        self._connected.set()
+        try:
+            self._announcements.get_nowait()  # only the newest matters
+        except queue.Empty:
+            pass
+        self._announcements.put_nowait(announcement)
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._connected.clear()
-        if reason_code != 0:
-            log.warning("disconnected from broker (%s); paho reconnects with backoff", reason_code)
+    def _model_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                announcement = self._announcements.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._apply(announcement)
 
-    def connect(self) -> None:
-        self._client.connect_async(self._endpoint.host, self._endpoint.port, keepalive=30)
-        self._client.loop_start()
-        if not self._connected.wait(CONNECT_TIMEOUT_S):
-            self._client.loop_stop()
-            raise ConnectionError(f"cannot reach MQTT broker at {self.config.broker_url} within {CONNECT_TIMEOUT_S:.0f} s")
+    def _apply(self, a: ModelAnnouncement) -> None:
+        current = self._next_encoder or self.encoder
+        if (a.model_version, a.codebook_id) == (current.model_version, current.codebook_id):
+            return  # the retained announcement of the model already running (every reconnect)
+        if (a.model_version, a.sha256) in self._refused:
+            return
+        log.info("model %s announced (codebook %d); fetching %s", a.model_version, a.codebook_id, a.url)
+        try:
+            bundle_dir = fetch_model(a, self.models_dir)
+            encoder = EdgeEncoder(bundle_dir)
+        except (ModelUpdateError, BundleError, OSError) as exc:
+            self._refused.add((a.model_version, a.sha256))
+            self._refuse(a.model_version, str(exc))
+            return
+        except Exception as exc:  # a model that crashes onnxruntime must not take the agent down
+            log.exception("unexpected failure loading model %s", a.model_version)
+            self._refused.add((a.model_version, a.sha256))
+            self._refuse(a.model_version, f"{type(exc).__name__}: {exc}")
+            return
+        write_current(self.device_dir, bundle_dir)
+        prune_models(self.models_dir, keep={bundle_dir, current.bundle_dir})
+        self.model_error = ""
+        self._next_encoder = encoder  # the audio thread swaps between two messages
 
-    def close(self) -> None:
-        """Publish offline (retained) and disconnect cleanly, so the last will does not fire."""
-        if self._connected.is_set():
-            self._client.publish(self._status_topic, self._status("offline"), qos=1, retain=True).wait_for_publish(5)
-        self._client.disconnect()
-        self._client.loop_stop()
+    def _refuse(self, version: str, reason: str) -> None:
+        self.model_error = f"{version}: {reason}"[:500]
+        log.error("refused model %s; keeping %s", self.model_error, self.encoder.model_version)
+        self.publisher.request_status()
 
-    # --- streaming ---------------------------------------------------------
+    def _maybe_swap(self) -> None:
+        encoder, self._next_encoder = self._next_encoder, None
+        if encoder is None:
+            return
+        log.info("swapped model %s (codebook %d) -> %s (codebook %d)", self.encoder.model_version,
+                 self.encoder.codebook_id, encoder.model_version, encoder.codebook_id)
+        self.encoder = encoder
+        self.stats.model_swaps += 1
+        self.publisher.request_status()
+
+    # --- streaming --------------------------------------------------------------------------
     def run(self, blocks: Iterator[np.ndarray]) -> AgentStats:
         """Stream ``blocks`` of 16 kHz mono audio until they end; returns what was sent."""
-        self.connect()
+        stop = threading.Event()
+        model_thread = threading.Thread(target=self._model_loop, args=(stop,), name="edge-models", daemon=True)
+        self.publisher.start()
+        model_thread.start()
         try:
             self._stream(blocks)
-            self._drain()
+            self.stats.unsent = self.publisher.drain(self.config.drain_timeout_s)
         finally:
-            self.close()
-        log.info(
-            "sent %d messages, %d frames, %.1f s of audio, %d payload bytes",
-            self.stats.messages, self.stats.frames, self.stats.audio_seconds, self.stats.payload_bytes,
-        )
-        return self.stats
+            stop.set()
+            model_thread.join(timeout=5)
+            self.publisher.close()
+        s = self.stats
+        log.info("read %.1f s of audio: %d messages (seq %s..%s), %d frames (%d silent), %d payload bytes",
+                 s.audio_seconds, s.messages, s.first_seq, s.last_seq, s.frames, s.silent_frames, s.payload_bytes)
+        if s.unsent:
+            log.warning("%d messages not yet acknowledged by the broker stay in the spool at %s; "
+                        "they are sent on the next start", s.unsent, self.device_dir / "spool")
+        return s
 
     def _stream(self, blocks: Iterator[np.ndarray]) -> None:
         per_message = self.config.frames_per_message * HOP_SAMPLES
         t0_ns, t0_mono = time.time_ns(), time.monotonic()
         self.t0_ns = t0_ns  # capture time of the first sample; frame timestamps count from here
         sent_samples = 0
-        self._pending: list[mqtt.MQTTMessageInfo] = []
-        topic = frames_topic(self.config.site, self.config.device)
-        seq = self.seq_store.load()
+        seq = self._first_seq()
         for chunk in message_chunks(blocks, per_message):
+            self._maybe_swap()
             t_start_ns = t0_ns + sent_samples * NS_PER_SECOND // SAMPLE_RATE_HZ
-            seq = self._publish(topic, seq, chunk, t_start_ns)
+            self._submit(seq, chunk, t_start_ns)
+            seq += 1
             sent_samples += len(chunk)
             if self.config.realtime and len(chunk) == per_message:
                 # publish no earlier than the audio could have been captured (not after the tail)
@@ -209,40 +317,24 @@ class EdgeAgent:
                 if delay > 0:
                     time.sleep(delay)
 
-    def _publish(self, topic: str, seq: int, chunk: np.ndarray, t_start_ns: int) -> int:
+    def _first_seq(self) -> int:
+        """Sequence numbers continue across restarts (the cloud drops a seq it has seen)."""
+        if self.spool is None:
+            return 0
+        return self.spool.stats().next_seq or 0
+
+    def _submit(self, seq: int, chunk: np.ndarray, t_start_ns: int) -> None:
         encoded = self.encoder.encode(chunk.reshape(-1, PATCH_SAMPLES))  # (N, PATCH_SAMPLES)
-        message = pack_frames(
-            encoded,
-            self.encoder.codebook_id,
-            seq,
-            t_start_ns,
-            include_loudness=self.config.include_loudness,
-        )
+        message = pack_frames(encoded, self.encoder.codebook_id, seq, t_start_ns,
+                              payload=self.config.payload, gate_dbfs=self.config.gate_dbfs)
         payload = message.to_bytes()
-        self._pending.append(self._client.publish(topic, payload, qos=1))
-        self._pending = [p for p in self._pending if not p.is_published()]
-        self.seq_store.save(seq + 1)
+        if not self.publisher.submit(seq, payload):
+            self.stats.spool_rejected += 1
         s = self.stats
         s.first_seq = seq if s.first_seq is None else s.first_seq
         s.last_seq = seq
         s.messages += 1
         s.frames += message.frame_count
+        s.silent_frames += int(message.silent.sum()) if message.silent is not None else 0
         s.payload_bytes += len(payload)
         s.audio_seconds += len(chunk) / SAMPLE_RATE_HZ
-        return seq + 1
-
-    def _drain(self) -> None:
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        for info in self._pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._wait(info, remaining):
-                unsent = sum(not p.is_published() for p in self._pending)
-                raise TimeoutError(f"{unsent} frames messages not acknowledged by the broker")
-
-    @staticmethod
-    def _wait(info: mqtt.MQTTMessageInfo, timeout_s: float) -> bool:
-        try:
-            info.wait_for_publish(timeout_s)
-        except (ValueError, RuntimeError):  # paho: message queue full / not connected
-            return False
-        return info.is_published()

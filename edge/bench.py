@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import onnxruntime
 
 from edge.agent import message_chunks, pack_frames
 from edge.encoder import EdgeEncoder
+from edge.procstat import peak_rss_mb
 from edge.sources import SourceError, file_source
 from shared_models import bundle
 from shared_models.constants import (
@@ -46,6 +46,7 @@ from shared_models.constants import (
     PATCH_SAMPLES,
     SAMPLE_RATE_HZ,
 )
+from soundfleet.config import PAYLOAD_MODES
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,11 @@ DEFAULT_REPEATS = 3
 SCENE_SECONDS = 10.0  # length of each synthetic scene in the benchmark audio
 UNIQUE_AUDIO_SECONDS = 60.0  # longer runs repeat the first minute (synthesis is slow)
 PCM16_BPS = SAMPLE_RATE_HZ * 16  # 256_000 bit/s: the raw 16-bit mono audio the codes replace
-BYTES_PER_MB = 1_000_000  # decimal MB: the stricter reading of the 80 MB target
 
 TARGETS: dict[str, float] = {  # SPEC section 3, edge
     "realtime_factor_per_core": 1000,  # at least, audio seconds per CPU second
     "peak_rss_mb": 80,  # at most, resident memory of the edge process
     "codes_bitrate_bps": 1000,  # at most, upstream per stream in codes-only mode
-}
-# payload mode -> (include_loudness, include_embeddings); the timed path is "codes", the default
-PAYLOAD_MODES: dict[str, tuple[bool, bool]] = {
-    "codes": (False, False),
-    "codes+loudness": (True, False),
-    "codes+embeddings": (False, True),
 }
 
 
@@ -80,15 +74,13 @@ def run_edge_path(
     """The agent's loop without the network: (audio samples, messages, payload bytes).
 
     ``encoder`` is anything with ``encode(patches) -> Encoded`` and ``codebook_id``."""
-    loudness, embeddings = PAYLOAD_MODES[mode]
     per_message = frames_per_message * HOP_SAMPLES  # samples
     t0_ns = time.time_ns()
     samples = messages = payload_bytes = 0
     for chunk in message_chunks(file_source(str(wav_path), per_message), per_message):
         encoded = encoder.encode(chunk.reshape(-1, PATCH_SAMPLES))  # (N, PATCH_SAMPLES)
         t_start_ns = t0_ns + samples * NS_PER_SECOND // SAMPLE_RATE_HZ
-        message = pack_frames(encoded, encoder.codebook_id, messages, t_start_ns,
-                              include_loudness=loudness, include_embeddings=embeddings)  # fmt: skip
+        message = pack_frames(encoded, encoder.codebook_id, messages, t_start_ns, payload=mode)
         payload_bytes += len(message.to_bytes())
         samples += len(chunk)
         messages += 1
@@ -121,18 +113,6 @@ def measure_path(
     }
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this program, in MB: VmHWM where Linux has it, because ru_maxrss
-    carries the parent's peak over fork + exec (a child of a 200 MB parent reads >= 200 MB)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / BYTES_PER_MB  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / BYTES_PER_MB  # KiB on Linux
-
-
 def edge_main(argv: list[str] | None = None) -> int:
     """``python -m edge.bench WAV``: measure the edge path in this process, print one JSON line."""
     parser = argparse.ArgumentParser(
@@ -156,7 +136,7 @@ def edge_main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level, args.log_format)
     logging.getLogger("edge.sources").setLevel(logging.WARNING)  # one line per pass is noise
-    rss_after_imports_mb = _peak_rss_mb()
+    rss_after_imports_mb = peak_rss_mb()
     try:
         encoder = EdgeEncoder(args.bundle, threads=1)
         result = measure_path(encoder, args.wav, args.frames_per_message, args.repeats, "onnx")
@@ -167,7 +147,7 @@ def edge_main(argv: list[str] | None = None) -> int:
         model_version=encoder.model_version,
         codebook_id=encoder.codebook_id,
         codebook_size=encoder.manifest.get("codebook_size"),
-        peak_rss_mb=_peak_rss_mb(),
+        peak_rss_mb=peak_rss_mb(),
         rss_after_imports_mb=rss_after_imports_mb,
         torch_loaded="torch" in sys.modules,
         onnxruntime=onnxruntime.__version__,

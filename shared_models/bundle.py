@@ -11,10 +11,15 @@ numpy/stdlib only, so the edge can verify a bundle without torch. Layout::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from shared_models.constants import PATCH_SAMPLES
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -68,3 +73,25 @@ def verify_bundle(bundle_dir: Path, files: tuple[str, ...] = BUNDLE_FILES) -> di
         if actual != expected:
             raise BundleError(f"{path}: sha256 {actual[:12]}.. does not match manifest {str(expected)[:12]}..")
     return manifest
+
+
+def silence_code(bundle_dir: str | Path) -> int:
+    """The code the bundle's ``edge.onnx`` gives one all-zeros patch (digital silence).
+
+    The cloud feeds it to the code LM for the frames the edge's loudness gate sent as silent
+    (``wire.FLAG_SILENCE``). Computed once per bundle directory (resolved path)."""
+    return _silence_code(str(Path(bundle_dir).resolve()))
+
+
+@functools.cache
+def _silence_code(bundle_dir: str) -> int:
+    import onnxruntime as ort  # here, not at the top: this module stays numpy/stdlib-only
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(Path(bundle_dir) / EDGE_MODEL), options, providers=["CPUExecutionProvider"]
+    )
+    (codes,) = session.run(["codes"], {"patches": np.zeros((1, PATCH_SAMPLES), np.float32)})
+    return int(codes[0])  # codes: (1,) int64

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -53,18 +54,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     edge = sub.add_parser("edge", help="the edge agent", description="Run the edge agent (needs only the `edge` extra).")
     edge_sub = edge.add_subparsers(dest="edge_command", required=True, metavar="ACTION", help="agent action")
-    run = edge_sub.add_parser("run", help="stream audio as codes to MQTT", description="Read audio, compute front-end embeddings and VQ codes with onnxruntime, publish frames on MQTT at QoS 1.")
-    run.add_argument("--source", help="WAV/FLAC path, '-' for 16 kHz s16le PCM on stdin, or 'synthetic' (default)")
+    run = edge_sub.add_parser("run", help="stream audio as codes to MQTT", description="Read audio, compute front-end embeddings and VQ codes with onnxruntime, spool each message on disk and publish it on MQTT at QoS 1 (replayed in order after a broker outage or a restart); follow the retained model announcement. Secrets: set SOUNDFLEET_EDGE__PASSWORD rather than a flag.")
+    run.add_argument("--source", help="'mic' or 'mic:<index or name>' (see `soundfleet edge devices`), a WAV/FLAC path, '-' for s16le PCM on stdin, or 'synthetic' (default)")
+    run.add_argument("--input-rate", type=int, help="sample rate of PCM on stdin in Hz (default 16000; resampled to 16 kHz)")
+    run.add_argument("--input-channels", type=int, help="channels of PCM on stdin (default 1; mixed to mono)")
     run.add_argument("--site", help="site id (topic segment)")
     run.add_argument("--device", help="device id (topic segment)")
-    run.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
-    run.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
+    run.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883 or mqtts://user@host:8883")
+    run.add_argument("--username", help="MQTT username (the password comes from SOUNDFLEET_EDGE__PASSWORD or the config file)")
+    run.add_argument("--tls-ca-file", help="CA certificates (PEM) for an mqtts:// broker")
+    run.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle, or the last model rolled out to this device)")
     run.add_argument("--frames-per-message", type=int, help="25 ms frames per message (default 40 = 1 s)")
+    run.add_argument("--payload", choices=["codes", "codes+loudness", "codes+embeddings"], help="what each frame carries (default codes, about 0.9 kbit/s)")
+    run.add_argument("--gate-dbfs", type=float, help="loudness gate in dBFS: quieter frames are sent as silent runs (default off; e.g. -60)")
     run.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None, help="pace file and synthetic sources at real time (default on)")
     run.add_argument("--max-seconds", type=float, help="stop after this many seconds of audio (0 = until the source ends)")
-    run.add_argument("--loudness", action=argparse.BooleanOptionalAction, default=None, help="also send per-frame loudness in dBFS")
-    run.add_argument("--state-dir", type=Path, help="where the agent keeps its sequence number (default ~/.local/state/soundfleet)")
+    run.add_argument("--state-dir", type=Path, help="spool, sequence numbers and rolled-out models (default $STATE_DIRECTORY or ~/.local/state/soundfleet)")
+    run.add_argument("--spool-max-mb", type=float, help="disk spool bound in MB (default 64); when full, the oldest frames are dropped and counted")
+    run.add_argument("--spool-fsync", choices=["always", "interval", "never"], help="spool durability against power loss (default interval)")
+    run.add_argument("--heartbeat-s", type=float, help="seconds between retained status heartbeats (default 30)")
+    run.add_argument("--follow-models", action=argparse.BooleanOptionalAction, default=None, help="hot-swap models announced on soundfleet/v1/models/edge (default on)")
+    run.add_argument("--drain-timeout-s", type=float, help="when a finite source ends, seconds to wait for the broker to ack the spool (default 30)")
+    run.add_argument("--dry-run", action="store_true", help="print each message that would be sent as a JSON line on stdout; no broker, no spool")
     _add_common(run)
+
+    devices = edge_sub.add_parser("devices", help="list the microphones PortAudio sees", description="List audio input devices (index, name, channels, default rate) for --source mic:<index or name>.")
+    _add_common(devices)
+
+    models = sub.add_parser("models", help="roll out edge models to the fleet", description="Publish model bundles to edge agents over MQTT.")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION", help="rollout action")
+    announce = models_sub.add_parser("announce", help="pack a bundle's edge model and announce it (retained) to every agent", description="Write the edge archive (manifest.json, edge.onnx, codebook.npy as an uncompressed tar), then publish its version, codebook id, size, SHA-256 and URL, retained, on soundfleet/v1/models/edge. Agents fetch it, verify it and swap between two frames.")
+    announce.add_argument("--bundle", required=True, type=Path, help="model bundle directory (from `soundfleet train`)")
+    announce.add_argument("--archive", required=True, type=Path, help="where to write the edge archive (.tar)")
+    announce.add_argument("--url", help="URL agents fetch the archive from (default: the archive's file:// URL, for agents on this machine)")
+    announce.add_argument("--broker", help="MQTT broker URL (default: edge.broker_url of the config)")
+    _add_common(announce)
 
     cloud = sub.add_parser("cloud", help="the cloud application", description="Run the Ray Serve cloud application.")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="ACTION", help="cloud action")
@@ -205,6 +229,10 @@ def _eval_plots(report: dict, out_dir: Path) -> dict[str, str]:
 
 
 def _edge(args, config) -> int:
+    return {"run": _edge_run, "devices": _edge_devices}[args.edge_command](args, config)
+
+
+def _edge_run(args, config) -> int:
     from edge.agent import EdgeAgent
     from edge.sources import SourceError, open_source
     from shared_models.bundle import BundleError
@@ -212,19 +240,62 @@ def _edge(args, config) -> int:
 
     cfg = config.edge
     overrides = {"source": args.source, "site": args.site, "device": args.device, "broker_url": args.broker,
-                 "frames_per_message": args.frames_per_message, "realtime": args.realtime,
-                 "max_seconds": args.max_seconds, "include_loudness": args.loudness,
-                 "bundle_dir": str(args.bundle) if args.bundle else None}
+                 "username": args.username, "tls_ca_file": args.tls_ca_file, "input_rate_hz": args.input_rate,
+                 "input_channels": args.input_channels, "frames_per_message": args.frames_per_message,
+                 "payload": args.payload, "gate_dbfs": args.gate_dbfs, "realtime": args.realtime,
+                 "max_seconds": args.max_seconds, "state_dir": str(args.state_dir) if args.state_dir else None,
+                 "spool_max_mb": args.spool_max_mb, "spool_fsync": args.spool_fsync,
+                 "heartbeat_s": args.heartbeat_s, "follow_models": args.follow_models,
+                 "drain_timeout_s": args.drain_timeout_s, "bundle_dir": str(args.bundle) if args.bundle else None}
     _apply(cfg, overrides)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd stop = Ctrl-C: clean "offline", spool kept
     try:
-        agent = EdgeAgent(cfg, state_dir=args.state_dir)
-        blocks = open_source(cfg.source, cfg.frames_per_message * HOP_SAMPLES, cfg.synthetic_seed, cfg.max_seconds)
-        if cfg.max_seconds and cfg.source != "synthetic":
-            blocks = _limit(blocks, cfg.max_seconds)
-        agent.run(blocks)
-    except (BundleError, SourceError, ConnectionError, TimeoutError, ValueError) as exc:
+        cfg.validate()
+        agent = EdgeAgent(cfg, dry_run_out=sys.stdout if args.dry_run else None)
+        blocks = open_source(cfg.source, cfg.frames_per_message * HOP_SAMPLES, cfg.synthetic_seed, cfg.max_seconds,
+                             input_rate_hz=cfg.input_rate_hz, input_channels=cfg.input_channels)
+        stats = agent.run(blocks)
+    except (BundleError, SourceError, ConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
+    except KeyboardInterrupt:
+        return 130
+    return 3 if stats.unsent else 0  # 3: finished, but frames wait in the spool for the broker
+
+
+def _edge_devices(args, config) -> int:
+    from edge.sources import SourceError, format_devices, list_input_devices
+
+    try:
+        print(format_devices(list_input_devices()))
+    except SourceError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def _models(args, config) -> int:
+    from edge.model_update import announcement_for, pack_edge_archive, publish_announcement
+    from shared_models.bundle import BundleError
+    from soundfleet.services import mqtt_client
+
+    broker_url = args.broker or config.edge.broker_url
+    try:
+        sha256, size = pack_edge_archive(args.bundle, args.archive)
+        announcement = announcement_for(args.bundle, args.archive, args.url)
+        client, endpoint = mqtt_client(broker_url, "sf-models-announce")
+        client.connect(endpoint.host, endpoint.port)
+        client.loop_start()
+        try:
+            publish_announcement(client, announcement)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    except (BundleError, OSError, ValueError, TimeoutError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(announcement.to_bytes().decode())
+    log.info("announced %s (%d bytes, sha256 %s..) at %s", announcement.model_version, size, sha256[:12], announcement.url)
     return 0
 
 
@@ -233,17 +304,6 @@ def _apply(section, overrides: dict) -> None:
     for name, value in overrides.items():
         if value is not None:
             setattr(section, name, value)
-
-
-def _limit(blocks, max_seconds: float):
-    from shared_models.constants import SAMPLE_RATE_HZ
-
-    remaining = int(max_seconds * SAMPLE_RATE_HZ)
-    for block in blocks:
-        if remaining <= 0:
-            return
-        yield block[:remaining]
-        remaining -= len(block)
 
 
 def _cloud(args, config) -> int:
@@ -303,7 +363,7 @@ def _demo(args, config) -> int:
     return run_demo(args, config)
 
 
-COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "cloud": _cloud, "bench": _bench, "demo": _demo}
+COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "models": _models, "cloud": _cloud, "bench": _bench, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

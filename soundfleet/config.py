@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.spool import FSYNC_POLICIES
 from shared_models.constants import DEFAULT_FRAMES_PER_MESSAGE
 
 ENV_PREFIX = "SOUNDFLEET_"
@@ -30,24 +31,60 @@ class ConfigError(ValueError):
     """A configuration value is unknown, has the wrong type, or breaks a rule."""
 
 
+PAYLOAD_MODES = ("codes", "codes+loudness", "codes+embeddings")
+
+
 @dataclass
 class EdgeConfig:
-    broker_url: str = field(default="mqtt://127.0.0.1:1883", metadata={"doc": "MQTT broker URL (mqtt:// or mqtts://, optional user:pass@)"})
+    broker_url: str = field(default="mqtt://127.0.0.1:1883", metadata={"doc": "MQTT broker URL (mqtt:// or mqtts:// for TLS, optional user:pass@)"})
+    username: str = field(default="", metadata={"doc": "MQTT username (overrides the URL's); prefer env SOUNDFLEET_EDGE__USERNAME"})
+    password: str = field(default="", metadata={"doc": "MQTT password (overrides the URL's); prefer env SOUNDFLEET_EDGE__PASSWORD over a file"})
+    tls_ca_file: str = field(default="", metadata={"doc": "CA certificates (PEM) that sign the broker's certificate, for mqtts://; empty = the system trust store"})
+    tls_cert_file: str = field(default="", metadata={"doc": "client certificate (PEM) for brokers that require mutual TLS"})
+    tls_key_file: str = field(default="", metadata={"doc": "private key (PEM) of the client certificate"})
+    tls_insecure: bool = field(default=False, metadata={"doc": "do not check the broker's host name against its certificate (self-signed test brokers only)"})
     site: str = field(default="home", metadata={"doc": "site id used in topics ([A-Za-z0-9_-], 1-64 chars)"})
     device: str = field(default="edge-1", metadata={"doc": "device id used in topics"})
-    source: str = field(default="synthetic", metadata={"doc": "audio source: a WAV path, '-' for 16 kHz s16le PCM on stdin, or 'synthetic'"})
-    bundle_dir: str = field(default="", metadata={"doc": "model bundle directory; empty = the bundle shipped in the package"})
+    source: str = field(default="synthetic", metadata={"doc": "audio source: 'mic' or 'mic:<index or name>' (PortAudio), a WAV/FLAC path, '-' for s16le PCM on stdin, or 'synthetic'"})
+    input_rate_hz: int = field(default=16000, metadata={"doc": "sample rate of PCM on stdin, Hz (resampled to 16 kHz)"})
+    input_channels: int = field(default=1, metadata={"doc": "channels of PCM on stdin (mixed to mono)"})
+    bundle_dir: str = field(default="", metadata={"doc": "model bundle directory; empty = the bundle shipped in the package (a model rolled out over MQTT replaces either)"})
     frames_per_message: int = field(default=DEFAULT_FRAMES_PER_MESSAGE, metadata={"doc": "25 ms frames per MQTT message (40 = one message per second)"})
+    payload: str = field(default="codes", metadata={"doc": "what each frame carries: 'codes' (about 0.9 kbit/s), 'codes+loudness' or 'codes+embeddings' (float16)"})
+    gate_dbfs: float | None = field(default=None, metadata={"doc": "loudness gate in dBFS: frames quieter than this are sent as silent runs, not codes; unset = off (e.g. -60)"})
     realtime: bool = field(default=True, metadata={"doc": "pace file/synthetic sources at real time"})
     max_seconds: float = field(default=0.0, metadata={"doc": "stop after this much audio in seconds (0 = until the source ends)"})
-    include_loudness: bool = field(default=False, metadata={"doc": "send per-frame loudness (dBFS) with the codes"})
     synthetic_seed: int = field(default=0, metadata={"doc": "seed of the synthetic source"})
+    state_dir: str = field(default="", metadata={"doc": "spool, sequence numbers and rolled-out models; empty = $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/soundfleet or ~/.local/state/soundfleet"})
+    spool_max_mb: float = field(default=64.0, metadata={"doc": "disk spool bound in MB (64 MB = about 6 days of codes-only audio); when full the oldest frames are dropped and counted"})
+    spool_fsync: str = field(default="interval", metadata={"doc": "spool durability: 'always' (fsync each message), 'interval' (at most every spool_fsync_interval_s) or 'never' (the OS decides); SIGKILL loses nothing under any"})
+    spool_fsync_interval_s: float = field(default=1.0, metadata={"doc": "seconds between spool fsyncs under 'interval': what a power cut can lose of unsent frames"})
+    max_inflight: int = field(default=32, metadata={"doc": "frames messages sent but not yet acknowledged by the broker, at most"})
+    reconnect_min_s: float = field(default=1.0, metadata={"doc": "first reconnect delay in seconds; doubles per failure (with jitter) up to reconnect_max_s"})
+    reconnect_max_s: float = field(default=60.0, metadata={"doc": "longest reconnect delay in seconds"})
+    heartbeat_s: float = field(default=30.0, metadata={"doc": "seconds between retained status heartbeats (uptime, spool depth, CPU, RSS)"})
+    follow_models: bool = field(default=True, metadata={"doc": "follow the retained model announcement: fetch, verify and hot-swap new edge models"})
+    drain_timeout_s: float = field(default=30.0, metadata={"doc": "when a finite source ends, wait this long for the broker to ack what is spooled (the rest is sent on the next start)"})
 
     def validate(self) -> None:
         if not 1 <= self.frames_per_message <= 4000:
             raise ConfigError("edge.frames_per_message must be within 1..4000")
         if self.max_seconds < 0:
             raise ConfigError("edge.max_seconds must be >= 0")
+        if self.payload not in PAYLOAD_MODES:
+            raise ConfigError(f"edge.payload must be one of {', '.join(PAYLOAD_MODES)}, got {self.payload!r}")
+        if self.spool_fsync not in FSYNC_POLICIES:
+            raise ConfigError(f"edge.spool_fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self.spool_fsync!r}")
+        if self.gate_dbfs is not None and not -120.0 <= self.gate_dbfs <= 0.0:
+            raise ConfigError("edge.gate_dbfs must be within -120..0 dBFS (or unset)")
+        if self.spool_max_mb < 0.1:
+            raise ConfigError("edge.spool_max_mb must be >= 0.1")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError("edge needs 0 < reconnect_min_s <= reconnect_max_s")
+        if self.max_inflight < 1 or self.heartbeat_s <= 0 or self.drain_timeout_s < 0:
+            raise ConfigError("edge.max_inflight must be >= 1, heartbeat_s > 0 and drain_timeout_s >= 0")
+        if not 1000 <= self.input_rate_hz <= 384_000 or not 1 <= self.input_channels <= 64:
+            raise ConfigError("edge.input_rate_hz must be within 1000..384000 and input_channels within 1..64")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge.encoder import EdgeEncoder
+from edge.spool import Spool
 from shared_models import bundle, wire
 from soundfleet.services import free_port
 
@@ -62,7 +63,9 @@ def test_sequence_numbers_continue_across_restarts(mqtt_url, mqtt_client_factory
         assert result.returncode == 0, result.stderr
     _wait(lambda: len(frames) == 8)
     assert [wire.FramesMessage.from_bytes(m.payload).seq for m in frames] == list(range(8))
-    assert (tmp_path / f"agenttest.{device}.seq").read_text() == "8"
+    spool = Spool(tmp_path / f"agenttest.{device}" / "spool")
+    assert spool.stats().next_seq == 8 and spool.stats().depth == 0  # all acked, the next seq kept
+    spool.close()
 
 
 def test_status_is_retained_online_then_offline_on_clean_stop(mqtt_url, mqtt_client_factory, tmp_path):
@@ -97,12 +100,17 @@ def test_killed_agent_is_reported_offline_by_its_last_will(mqtt_url, mqtt_client
         agent.kill()
 
 
-def test_dead_broker_is_a_clear_error_not_a_traceback(tmp_path):
+def test_dead_broker_spools_and_says_so_without_a_traceback(tmp_path):
     closed = f"mqtt://127.0.0.1:{free_port()}"
-    result = subprocess.run(_agent_cmd(closed, "dead", tmp_path, "--source", str(FIXTURE)),
+    result = subprocess.run(_agent_cmd(closed, "dead", tmp_path, "--source", str(FIXTURE), "--no-realtime",
+                                       "--drain-timeout-s", "2"),
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert "cannot reach MQTT broker" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 3, result.stderr  # finished reading; frames wait in the spool
+    assert "cannot reach MQTT broker" in result.stderr and "spooling to disk" in result.stderr
+    assert "4 messages not yet acknowledged" in result.stderr and "Traceback" not in result.stderr
+    spool = Spool(tmp_path / "agenttest.dead" / "spool")
+    assert spool.stats().depth == 4  # quiet_room.wav: 4 s, one message per second
+    spool.close()
 
 
 def test_missing_audio_file_is_a_clear_error(mqtt_url, tmp_path):

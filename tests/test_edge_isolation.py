@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-EDGE_MODULES = ["edge.agent", "edge.encoder", "edge.sources", "shared_models.wire", "shared_models.synth",
+EDGE_MODULES = ["edge.agent", "edge.encoder", "edge.sources", "edge.resample", "edge.spool", "edge.link",
+                "edge.publisher", "edge.model_update", "edge.procstat", "shared_models.wire", "shared_models.synth",
                 "shared_models.bundle", "soundfleet.cli", "soundfleet.config", "soundfleet.services"]
 
 

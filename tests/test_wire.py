@@ -26,12 +26,14 @@ from shared_models.wire import (
     CRC_BYTES,
     FLAG_EMBEDDINGS,
     FLAG_LOUDNESS,
+    FLAG_SILENCE,
     HEADER,
     HEADER_BYTES,
     MAGIC,
     MAX_FRAMES_PER_MESSAGE,
     MAX_PAYLOAD_BYTES,
     MIN_PAYLOAD_BYTES,
+    SILENT_CODE,
     WIRE_VERSION,
     BadMagic,
     ChecksumMismatch,
@@ -282,6 +284,49 @@ def test_golden_bytes_pin_the_layout() -> None:
     assert HEADER.format == "<4sBBIIQIHHH" and HEADER_BYTES == 32
 
 
+GOLDEN_SILENCE_MESSAGE = FramesMessage(
+    codebook_id=0x01020304, seq=8, t_start_ns=T0_NS, codes=[7, 0, 0, 300, 0, 9],
+    loudness_dbfs=[-30.0, 0.0, 0.0, -12.0, 0.0, -6.0],
+    silent=np.array([False, True, True, False, True, False]),
+)  # fmt: skip
+GOLDEN_SILENCE_HEX = (
+    "534643310105040302010800000000002a36fe9c9717803e0000900106000000"  # header, flags 0x05, N 6
+    "0200"  # n_runs 2
+    "01000200"  # run: start_frame 1, length 2
+    "04000100"  # run: start_frame 4, length 1
+    "07002c010900"  # codes of the 3 sent frames (0, 3, 5): 7 300 9
+    "80cf00ca00c6"  # their loudness, f16 -30 -12 -6
+    "76bc930f"  # crc32
+)
+
+
+def test_golden_bytes_pin_the_silence_layout() -> None:
+    data = GOLDEN_SILENCE_MESSAGE.to_bytes()
+    assert data[5] == FLAG_LOUDNESS | FLAG_SILENCE
+    assert data.hex() == GOLDEN_SILENCE_HEX and len(data) == 58
+    back = FramesMessage.from_bytes(bytes.fromhex(GOLDEN_SILENCE_HEX))
+    assert back == GOLDEN_SILENCE_MESSAGE
+    assert back.codes.tolist() == [7, SILENT_CODE, SILENT_CODE, 300, SILENT_CODE, 9]
+    floor = SILENCE_DBFS  # the in-memory loudness of a silent frame
+    assert back.loudness_dbfs.tolist() == [-30.0, floor, floor, -12.0, floor, -6.0]
+
+
+def test_golden_bytes_of_an_all_silent_second() -> None:
+    msg = FramesMessage(
+        codebook_id=0x01020304, seq=9, t_start_ns=T0_NS + NS_PER_SECOND,
+        codes=np.zeros(DEFAULT_FRAMES_PER_MESSAGE, int),
+        silent=np.ones(DEFAULT_FRAMES_PER_MESSAGE, bool),
+    )  # fmt: skip
+    expected = (
+        "534643310104040302010900000000cac471fe9c9717803e0000900128000000"  # flags 0x04, N 40
+        "0100"  # n_runs 1
+        "00002800"  # run: start_frame 0, length 40
+        "2ec9fbeb"  # crc32, no codes before it
+    )
+    assert msg.to_bytes().hex() == expected and len(msg.to_bytes()) == 42
+    assert FramesMessage.from_bytes(bytes.fromhex(expected)) == msg
+
+
 # --- every failure mode has its named error --------------------------------------------
 def test_every_prefix_of_a_valid_payload_is_rejected_exactly() -> None:
     data = example_message().to_bytes()
@@ -394,7 +439,8 @@ def test_wrong_magic_is_bad_magic_even_with_a_valid_crc(magic: bytes) -> None:
         {"frame_count": 0},
         {"hop_samples": 0},
         {"sample_rate_hz": 0},
-        {"flags": 0x04},
+        {"flags": 0x08},
+        {"flags": FLAG_SILENCE},  # the body's run count (its first 2 bytes) is 0
         {"flags": 0x80 | FLAG_LOUDNESS},
         {"flags": FLAG_EMBEDDINGS, "embedding_dim": 0},
         {"flags": 0, "embedding_dim": 4},

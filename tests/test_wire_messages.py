@@ -18,9 +18,11 @@ from shared_models.wire import (
     STATUS_SUBSCRIPTION,
     TOPIC_ROOT,
     InvalidField,
+    ModelAnnouncement,
     PayloadTooLarge,
     SoundEvent,
     StatusMessage,
+    WireError,
     events_topic,
     frames_topic,
     parse_device_topic,
@@ -51,6 +53,12 @@ def mqtt_matches(topic_filter: str, topic: str) -> bool:
     model_version=st.text(max_size=20),
     codebook_id=st.integers(0, U32_MAX),
     t_ns=st.integers(0, 2**63 - 1),
+    uptime_s=st.floats(0, 1e9),
+    spool_depth=st.integers(0, 2**40),
+    spool_dropped=st.integers(0, 2**40),
+    cpu_percent=st.floats(0, 400),
+    rss_mb=st.floats(0, 1e5),
+    model_error=st.text(max_size=40),
 )
 def test_status_round_trips_through_json(**fields: object) -> None:
     msg = StatusMessage(**fields)
@@ -59,12 +67,39 @@ def test_status_round_trips_through_json(**fields: object) -> None:
     assert json.loads(data) == fields
 
 
-def test_last_will_status_is_minimal_offline() -> None:
+def test_last_will_status_is_offline_with_zeroed_heartbeat_fields() -> None:
     data = StatusMessage("offline").to_bytes()
     assert json.loads(data) == {
-        "state": "offline", "agent_version": "", "model_version": "", "codebook_id": 0, "t_ns": 0
+        "state": "offline", "agent_version": "", "model_version": "", "codebook_id": 0, "t_ns": 0,
+        "uptime_s": 0.0, "spool_depth": 0, "spool_dropped": 0, "cpu_percent": 0.0, "rss_mb": 0.0,
+        "model_error": "",
     }  # fmt: skip
     assert StatusMessage.from_bytes(b'{"state": "offline"}') == StatusMessage("offline")
+
+
+@pytest.mark.parametrize("field,value", [("spool_depth", -1), ("cpu_percent", float("nan")),
+                                         ("rss_mb", -0.5), ("uptime_s", True), ("model_error", 3)])
+def test_status_rejects_bad_heartbeat_fields(field: str, value: object) -> None:
+    with pytest.raises(WireError):
+        StatusMessage("online", **{field: value})
+
+
+# --- model announcement JSON ------------------------------------------------------------
+ANNOUNCEMENT = {"model_version": "sf1-abc", "codebook_id": 7, "wire_version": 1, "sha256": "ab" * 32,
+                "size": 123, "url": "http://models.local/sf1-abc.tar", "t_ns": 5}
+
+
+def test_model_announcement_round_trips_through_json() -> None:
+    msg = ModelAnnouncement(**ANNOUNCEMENT)
+    assert json.loads(msg.to_bytes()) == ANNOUNCEMENT
+    assert ModelAnnouncement.from_bytes(msg.to_bytes()) == msg
+
+
+@pytest.mark.parametrize("field,value", [("sha256", "AB" * 32), ("sha256", "ab" * 31), ("url", "ftp://x/y.tar"),
+                                         ("size", 0), ("codebook_id", 2**32), ("model_version", "")])
+def test_model_announcement_rejects_bad_fields(field: str, value: object) -> None:
+    with pytest.raises(WireError):
+        ModelAnnouncement(**{**ANNOUNCEMENT, field: value})
 
 
 def test_status_ignores_unknown_keys() -> None:

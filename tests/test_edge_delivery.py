@@ -1,0 +1,175 @@
+"""No frame lost, none repeated, none out of order: the agent across a broker outage and a SIGKILL.
+
+The outage test owns its Mosquitto (a `mosquitto` process on a free port with
+persistence on, so the subscriber's session and queue survive the restart):
+it stops it for 30 s while an agent streams, then starts it again. The SIGKILL
+test needs no broker while the agent is offline and the session's broker after.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared_models import wire
+from soundfleet.services import find_server_binary, free_port, wait_for_port
+
+SITE = "delivery"
+FRAMES_PER_MESSAGE = 8  # 0.2 s per message: many messages in a short test
+OUTAGE_S = 30.0
+
+
+class OwnMosquitto:
+    """A mosquitto the test can stop and start again on the same port with the same persistence."""
+
+    def __init__(self, workdir: Path):
+        self.binary = find_server_binary("mosquitto")
+        self.port = free_port()
+        self.workdir = workdir
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"  # keep our user: root would drop to 'mosquitto'
+            f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
+            f"max_queued_messages 100000\n"
+        )
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.workdir / "mosquitto.log", "ab")
+        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, 10, alive=lambda: self.process.poll() is None)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: mosquitto saves its sessions and queues
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path):
+    if find_server_binary("mosquitto") is None:
+        pytest.skip("needs the mosquitto binary to take a broker away and bring it back")
+    broker = OwnMosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+class Collector:
+    """A persistent-session subscriber (clean_session=False, QoS 1): keeps its queue on the broker
+    while either side is away, so what it receives is what the broker accepted."""
+
+    def __init__(self, make_client, url: str, topic: str):
+        self.payloads: list[bytes] = []
+        self.lock = threading.Lock()
+        self.client = make_client(f"collector-{uuid.uuid4().hex[:8]}", url=url, clean_session=False,
+                                  on_message=self._on_message)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.subscribe(topic, qos=1)
+        time.sleep(0.3)  # SUBACK before anything is published
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self.lock:
+            self.payloads.append(bytes(message.payload))
+
+    def seqs(self) -> list[int]:
+        with self.lock:
+            return [wire.FramesMessage.from_bytes(p).seq for p in self.payloads]
+
+    def wait_for(self, count: int, timeout_s: float) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.seqs()) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # anything more (a duplicate) would arrive now
+        return self.seqs()
+
+
+def _agent(url: str, device: str, state_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "soundfleet.cli", "edge", "run", "--site", SITE, "--device", device,
+            "--broker", url, "--state-dir", str(state_dir), "--frames-per-message", str(FRAMES_PER_MESSAGE),
+            "--no-follow-models", *extra]
+
+
+# quick reconnects so the test does not wait out a 60 s backoff ceiling
+AGENT_ENV = {**os.environ, "SOUNDFLEET_EDGE__RECONNECT_MAX_S": "2"}
+
+
+@pytest.mark.slow
+def test_broker_away_30s_every_frame_arrives_once_in_order(own_mosquitto, mqtt_client_factory, tmp_path):
+    device = f"outage-{uuid.uuid4().hex[:6]}"
+    collector = Collector(mqtt_client_factory, own_mosquitto.url, wire.frames_topic(SITE, device))
+    seconds = 40.0
+    expected = int(seconds * 40) // FRAMES_PER_MESSAGE  # 200 messages of 0.2 s
+    agent = subprocess.Popen(
+        _agent(own_mosquitto.url, device, tmp_path / "state", "--source", "synthetic", "--realtime",
+               "--max-seconds", str(seconds), "--drain-timeout-s", "60"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=AGENT_ENV,
+    )
+    try:
+        assert len(collector.wait_for(10, 30)) >= 10, "the agent never got going"
+        own_mosquitto.stop()
+        during = len(collector.seqs())
+        time.sleep(OUTAGE_S)
+        own_mosquitto.start()
+        _, stderr = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "spooling to disk" in stderr  # the outage was noticed and ridden out
+    seqs = collector.wait_for(expected, 30)
+    assert during < expected - 100  # at least 30 s of the stream happened while the broker was away
+    assert seqs == list(range(expected)), f"lost {sorted(set(range(expected)) - set(seqs))[:10]}, " \
+                                          f"{len(seqs) - len(set(seqs))} duplicated"
+
+
+@pytest.mark.slow
+def test_sigkilled_offline_agent_sends_its_spool_after_restart(mqtt_url, mqtt_client_factory, tmp_path,
+                                                               clear_retained):
+    device = f"sigkill-{uuid.uuid4().hex[:6]}"
+    clear_retained(wire.status_topic(SITE, device))
+    state = tmp_path / "state"
+    dead = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: the agent is offline from the start
+    agent = subprocess.Popen(_agent(dead, device, state, "--source", "synthetic", "--realtime"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=AGENT_ENV)
+    spool = state / f"{SITE}.{device}" / "spool"
+    try:
+        deadline = time.monotonic() + 30
+        while _spooled_bytes(spool) < 20 * 56 and time.monotonic() < deadline:  # >= 20 messages of 8 codes
+            time.sleep(0.2)
+        time.sleep(1.0)
+        agent.send_signal(signal.SIGKILL)  # no clean stop: nothing flushed, no offline status
+        agent.wait(10)
+    finally:
+        agent.kill()
+    assert _spooled_bytes(spool) >= 20 * 56, "the offline agent spooled nothing"
+
+    collector = Collector(mqtt_client_factory, mqtt_url, wire.frames_topic(SITE, device))
+    result = subprocess.run(_agent(mqtt_url, device, state, "--source", "synthetic", "--no-realtime",
+                                   "--max-seconds", "2"),
+                            capture_output=True, text=True, timeout=120, env=AGENT_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seqs = collector.wait_for(30, 20)
+    new = 2 * 40 // FRAMES_PER_MESSAGE  # the restarted run's own 2 s
+    assert len(seqs) >= 20 + new
+    assert seqs == list(range(len(seqs))), "spooled frames lost, repeated or out of order"
+    times = [wire.FramesMessage.from_bytes(p).t_start_ns for p in collector.payloads]
+    assert times[-new] > times[-new - 1]  # the restarted run's frames come after the spooled ones
+
+
+def _spooled_bytes(spool: Path) -> int:
+    return sum(p.stat().st_size for p in spool.glob("*.seg")) if spool.is_dir() else 0
