@@ -36,7 +36,7 @@ import onnxruntime
 
 from edge.agent import message_chunks, pack_frames
 from edge.encoder import EdgeEncoder
-from edge.procstat import peak_rss_mb
+from edge.procstat import BYTES_PER_MB, peak_rss_mb
 from edge.sources import SourceError, file_source
 from shared_models import bundle
 from shared_models.constants import (
@@ -194,6 +194,35 @@ def _run_edge_process(
     return json.loads(lines[-1])
 
 
+def _run_agent_process(wav: Path, bundle_dir: Path, frames: int, broker_url: str) -> dict[str, Any]:
+    """The whole agent (`soundfleet edge run`: source, encoder, spool, MQTT session, sender and
+    model threads) on ``wav``; its peak RSS is read from /proc while it runs (VmHWM only grows).
+    With no broker at ``broker_url`` it spools everything, which is the agent's offline path."""
+    with tempfile.TemporaryDirectory(prefix="soundfleet-bench-agent-") as state:
+        cmd = [sys.executable, "-m", "soundfleet.cli", "edge", "run", "--source", str(wav), "--no-realtime",
+               "--bundle", str(bundle_dir), "--frames-per-message", str(frames), "--broker", broker_url,
+               "--state-dir", state, "--device", "bench", "--no-follow-models", "--drain-timeout-s", "10",
+               "--log-level", "warning"]  # fmt: skip
+        log.info("agent process: soundfleet edge run --source %s --broker %s", wav.name, broker_url)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peak_kb = 0
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                peak_kb = max(peak_kb, *(int(line.split()[1]) for line in status.read_text().splitlines()
+                                         if line.startswith("VmHWM:")))
+            except (OSError, ValueError):
+                pass  # not Linux, or the process just exited
+            time.sleep(0.02)
+        stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode not in (0, 3):  # 3: finished with frames left in the spool (no broker)
+        raise BenchError(f"the agent process failed (exit {proc.returncode}): {stderr[-500:]}")
+    return {
+        "peak_rss_mb": peak_kb * 1024 / BYTES_PER_MB if peak_kb else None,
+        "broker": "acknowledged every message" if proc.returncode == 0 else "unreachable: spooled to disk",
+    }
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = platform.processor() or "unknown"
     try:
@@ -221,6 +250,7 @@ def run_edge_bench(
     log_level: str = "info",
     log_format: str = "text",
     measure_torch: Callable[[Path, Path, int, int], dict[str, Any]] | None = None,
+    broker_url: str = "mqtt://127.0.0.1:1883",
 ) -> dict[str, Any]:
     """Run the edge benchmark; returns the report (see :func:`build_report`).
 
@@ -243,16 +273,18 @@ def run_edge_bench(
         edge = _run_edge_process(
             wav, bundle_dir, repeats, frames_per_message, log_level, log_format
         )
+        agent = _run_agent_process(wav, bundle_dir, frames_per_message, broker_url)
         torch_eager = (
             measure_torch(wav, bundle_dir, repeats, frames_per_message)
             if measure_torch
             else {"available": False, "reason": "no torch comparison was requested"}
         )
-    return build_report(edge, torch_eager, machine, bundle_dir, repeats, frames_per_message)
+    return build_report(edge, agent, torch_eager, machine, bundle_dir, repeats, frames_per_message)
 
 
 def build_report(
     edge: dict,
+    agent: dict,
     torch_eager: dict,
     machine: dict,
     bundle_dir: Path,
@@ -267,16 +299,22 @@ def build_report(
     torch_ok = torch_eager["available"]
     torch_cpu_s = statistics.median(torch_eager["cpu_seconds_repeats"]) if torch_ok else None
     torch_rtf = audio_s / max(torch_cpu_s, 1e-9) if torch_ok else None
+    # the agent process is what the target is about; /proc polling can miss it off Linux
+    peak_rss = agent["peak_rss_mb"] if agent["peak_rss_mb"] is not None else edge["peak_rss_mb"]
+    source_of_peak = "agent process (soundfleet edge run)" if agent["peak_rss_mb"] is not None else "path process"
     report = {
         "benchmark": "edge",
         "measured": "WAV read (file_source) + 25 ms patches + onnxruntime front end/VQ (1 thread) "
-        "+ FramesMessage.to_bytes, codes-only; no MQTT publish, no sequence-file write",
+        "+ FramesMessage.to_bytes, codes-only, timed without the network; peak RSS from the whole agent process (soundfleet edge run) on the same WAV",
         "realtime_factor_per_core": rtf,
         "torch_eager_realtime_factor_per_core": torch_rtf,
         "speedup_onnx_vs_torch": rtf / torch_rtf if torch_rtf else None,
         "torch_eager_unavailable_reason": None if torch_ok else torch_eager["reason"],
         "torch_onnx_code_agreement": torch_eager.get("code_agreement"),
-        "peak_rss_mb": edge["peak_rss_mb"],
+        "peak_rss_mb": peak_rss,
+        "peak_rss_source": source_of_peak,
+        "agent_process": agent,
+        "path_process_peak_rss_mb": edge["peak_rss_mb"],
         "rss_after_imports_mb": edge["rss_after_imports_mb"],
         "bitrate_bps": bitrate,
         "compression_vs_pcm16": {mode: PCM16_BPS / bps for mode, bps in bitrate.items()},
@@ -303,7 +341,7 @@ def build_report(
     }
     report["meets_targets"] = {
         "realtime_factor_per_core": rtf >= TARGETS["realtime_factor_per_core"],
-        "peak_rss_mb": edge["peak_rss_mb"] <= TARGETS["peak_rss_mb"],
+        "peak_rss_mb": peak_rss <= TARGETS["peak_rss_mb"],
         "codes_bitrate_bps": bitrate["codes"] <= TARGETS["codes_bitrate_bps"],
     }
     return report

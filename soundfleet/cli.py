@@ -346,6 +346,7 @@ def _bench_edge(args, config) -> int:
             log_level=args.log_level,
             log_format=args.log_format,
             measure_torch=measure_torch_eager,
+            broker_url=config.edge.broker_url,
         )
     except (BenchError, BundleError) as exc:
         log.error("%s", exc)

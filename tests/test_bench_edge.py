@@ -46,6 +46,10 @@ def test_report_has_every_field_with_sane_types_and_ranges(report):
     assert report["torch_eager_unavailable_reason"] is None
     assert report["torch_onnx_code_agreement"] >= 0.99  # the same model in both runtimes
     assert 0 < report["peak_rss_mb"] < 4000
+    # the target is about the whole agent (spool, MQTT session, threads), not just the timed path
+    assert report["peak_rss_source"] == "agent process (soundfleet edge run)"
+    assert report["peak_rss_mb"] == report["agent_process"]["peak_rss_mb"]
+    assert report["agent_process"]["peak_rss_mb"] > report["rss_after_imports_mb"] * 0.8
     assert report["model_version"].startswith("sf1-")
     assert report["codebook_size"] == 256 and isinstance(report["codebook_id"], int)
     machine = report["machine"]
@@ -100,7 +104,8 @@ def test_without_torch_the_torch_fields_are_null_with_a_reason(monkeypatch):
         "codebook_id": 1, "codebook_size": 256, "torch_loaded": False,
         "onnxruntime": "1", "numpy": "2",
     }  # fmt: skip
-    offline = build_report(edge, torch_eager, {"cpu_model": "cpu"}, Path("b"), 1, 40)
+    agent = {"peak_rss_mb": 75.0, "broker": "acknowledged every message"}
+    offline = build_report(edge, agent, torch_eager, {"cpu_model": "cpu"}, Path("b"), 1, 40)
     assert offline["torch_eager_realtime_factor_per_core"] is None
     assert offline["speedup_onnx_vs_torch"] is None
     assert "torch is not installed" in offline["torch_eager_unavailable_reason"]
