@@ -199,14 +199,16 @@ class EdgeAgent:
 
     # --- status -------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
+        """"online" (a heartbeat), "offline" (a clean stop) or "will": the MQTT last will, offline
+        with t_ns 0 ("unknown", docs/WIRE.md), since the broker publishes it at some later time."""
         spool = self.spool.stats() if self.spool is not None else None
         live = state == "online"
         return StatusMessage(
-            state=state,
+            state="offline" if state == "will" else state,
             agent_version=AGENT_VERSION,
             model_version=self.encoder.model_version,
             codebook_id=self.encoder.codebook_id,
-            t_ns=time.time_ns(),
+            t_ns=0 if state == "will" else time.time_ns(),
             uptime_s=round(time.monotonic() - self.started_mono, 1) if live else 0.0,
             spool_depth=spool.depth if spool else 0,
             spool_dropped=spool.dropped if spool else 0,

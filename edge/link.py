@@ -69,7 +69,7 @@ class BrokerLink:
         self,
         settings: LinkSettings,
         *,
-        will: tuple[str, bytes],
+        will: Callable[[], tuple[str, bytes]],
         on_ack: Callable[[object], None],
         on_connect: Callable[[], None] | None = None,
         subscriptions: dict[str, Callable[[bytes], None]] | None = None,
@@ -151,7 +151,8 @@ class BrokerLink:
             client.tls_insecure_set(s.tls_insecure)
         client.max_inflight_messages_set(s.max_inflight)
         client.max_queued_messages_set(0)  # unbounded in paho; our window bounds it
-        client.will_set(self._will[0], self._will[1], qos=1, retain=True)
+        topic, payload = self._will()  # per session: it names the model running now
+        client.will_set(topic, payload, qos=1, retain=True)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish

@@ -61,7 +61,7 @@ class SpoolingPublisher:
         self.heartbeat_s = heartbeat_s
         self.link = BrokerLink(
             link_settings,
-            will=(status_topic, status("offline")),
+            will=lambda: (status_topic, status("will")),  # per session: names the model running then
             on_ack=self._on_ack,
             subscriptions=subscriptions,
         )
