@@ -163,7 +163,7 @@ class BrokerLink:
         if reason_code.is_failure:
             # e.g. "Not authorized": wrong username/password; retried with backoff (it may be rotated)
             self.last_error = f"broker {redact_url(self.settings.broker_url)} refused the connection: {reason_code}"
-            log.error("%s", self.last_error)
+            log.debug("%s", self.last_error)  # the sender logs it once per outage
             self._connack.set()
             return
         for topic in self._subscriptions:

@@ -114,6 +114,17 @@ class SpoolingPublisher:
 
     # --- the sender thread ------------------------------------------------------------
     def _run(self) -> None:
+        """Keep the sender alive whatever happens: a bug here must not silently stop delivery
+        while the audio thread keeps spooling."""
+        while not self._stop.is_set():
+            try:
+                self._send_loop()
+            except Exception:
+                log.exception("edge sender failed; restarting it with a fresh session")
+                self.link.close()
+                self._stop.wait(self.link.next_delay())
+
+    def _send_loop(self) -> None:
         outage_logged = False
         while not self._stop.is_set():
             if not self.link.connected:

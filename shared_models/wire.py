@@ -422,7 +422,7 @@ class StatusMessage(_JsonMessage):
     cpu_percent: float = 0.0
     """Agent process CPU use since the previous heartbeat, percent of one core."""
     rss_mb: float = 0.0
-    """Agent process resident memory, MiB."""
+    """Agent process resident memory, MB (10^6 bytes)."""
     model_error: str = ""
     """Why the last announced model was refused ("" when none was); the old model keeps running."""
 
