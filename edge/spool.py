@@ -10,12 +10,12 @@ On disk, a segment log as in Kafka::
     <dir>/<first_seq:010d>.seg   append-only segments of at most ``segment_bytes``
     <dir>/state.json             {"acked": W, "dropped": N, "next_seq": S}, replaced atomically
 
-Record format: a little-endian header ``<III`` = (payload length in bytes: u32, seq: u32,
-zlib.crc32 of the payload: u32), then the payload. Seqs strictly increase through the log
-and may have gaps (an append that failed). The ack watermark ``W`` is the highest seq such
-that every record at or below it is acked or dropped; a segment is deleted once its last
-seq is at or below ``W``. Memory holds per-segment facts (first/last seq, count, size, seq
-gaps) and the acks above ``W``, never an index: a day offline (86,400 records) costs bytes.
+A record is a ``<III`` header (payload length, seq, crc32 of the payload) and the payload
+(:mod:`edge.spool_recovery`). Seqs strictly increase through the log and may have gaps (an
+append that failed). The ack watermark ``W`` is the highest seq such that every record at
+or below it is acked or dropped; a segment is deleted once its last seq is at or below ``W``.
+Memory holds per-segment facts (first/last seq, count, size, seq gaps) and the acks above
+``W``, never an index: a day offline (86,400 records) costs bytes.
 
 fsync policy (``fsync=``):
 
@@ -30,11 +30,8 @@ Each append is one unbuffered ``write`` into the page cache, which outlives the 
 SIGKILL or a crash loses nothing under any policy. The watermark goes to state.json at most
 every ``STATE_WRITE_INTERVAL_S`` when acks moved it, and on flush/close: acks not yet
 persisted when the process dies are replayed after the restart, which is safe because the
-cloud drops repeated seqs. Duplicates are safe, loss is not, so a corrupt state.json means
-"replay everything". Recovery cuts a segment at its first torn or corrupt record (short,
-bad CRC, seq out of order): that record counts as ``torn``, the records after it in that
-segment as ``dropped`` (estimated from the seq gap to the next segment or to the persisted
-next_seq, as seqs are consecutive in normal operation).
+cloud drops repeated seqs. Opening a spool recovers it (:func:`edge.spool_recovery.recover`):
+a segment is cut at its first torn or corrupt record, and what was lost is counted.
 """
 
 from __future__ import annotations
@@ -43,19 +40,18 @@ import bisect
 import json
 import logging
 import os
-import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from edge.spool_recovery import HEADER, STATE_FILE, Segment, read_record, recover, unlink_logged
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<III")  # (payload length in bytes, seq, crc32 of payload)
 MAX_SEQ = 0xFFFFFFFF
 FSYNC_POLICIES = ("always", "interval", "never")
-STATE_FILE = "state.json"
 STATE_WRITE_INTERVAL_S = 0.5  # acks arrive ~1/s; losing the last few only causes replays
 
 
@@ -76,23 +72,6 @@ class SpoolStats:
     next_seq: int | None  # last appended seq + 1, or None if the spool never held a record
 
 
-@dataclass(eq=False)
-class _Segment:
-    path: Path
-    first_seq: int
-    last_seq: int  # first_seq - 1 while empty
-    count: int = 0
-    size_bytes: int = 0
-    gaps: list[tuple[int, int]] = field(default_factory=list)  # missing seqs inside, inclusive
-
-    def existing(self, lo: int, hi: int) -> int:
-        """How many records this segment holds with lo <= seq <= hi."""
-        lo, hi = max(lo, self.first_seq), min(hi, self.last_seq)
-        if hi < lo:
-            return 0
-        return hi - lo + 1 - sum(max(0, min(hi, g1) - max(lo, g0) + 1) for g0, g1 in self.gaps)
-
-
 class Spool:
     """The write-ahead spool. One lock: ``append`` (capture thread), ``read_from`` and
     ``first_unacked`` (sender thread) and ``ack`` (paho's network thread) may run at once."""
@@ -109,7 +88,7 @@ class Spool:
         self.max_bytes, self.segment_bytes = max_bytes, segment_bytes
         self.fsync, self.fsync_interval_s = fsync, fsync_interval_s
         self._lock = threading.Lock()
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._active_fd: int | None = None  # appends go to _segments[-1]; None: roll first
         self._total_bytes = 0
         self._watermark = -1
@@ -118,9 +97,9 @@ class Spool:
         self._dropped = self._torn = self._write_errors = self._appended = 0
         self._state_dirty = self._data_dirty = self._dir_dirty = False
         self._last_state_write = self._last_fsync = time.monotonic()
-        self._reader: tuple[_Segment, int, int] | None = None  # (segment, offset, next seq)
+        self._reader: tuple[Segment, int, int] | None = None  # (segment, offset, next seq)
         self._read_file = None
-        self._read_segment: _Segment | None = None
+        self._read_segment: Segment | None = None
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -262,13 +241,13 @@ class Spool:
         self._total_bytes += len(record)
         self._data_dirty = self.fsync != "always"
 
-    def _roll(self, seq: int) -> _Segment:
+    def _roll(self, seq: int) -> Segment:
         if self._active_fd is not None and self._data_dirty and self.fsync != "never":
             os.fsync(self._active_fd)  # the segment being sealed is as durable as promised
         self._close_active()
         path = self.directory / f"{seq:010d}.seg"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        segment = _Segment(path, first_seq=seq, last_seq=seq - 1)
+        segment = Segment(path, first_seq=seq, last_seq=seq - 1)
         self._segments.append(segment)
         self._active_fd, self._data_dirty, self._dir_dirty = fd, False, True
         if self.fsync == "always":
@@ -289,7 +268,7 @@ class Spool:
         self._close_active()
         if active.count == 0:
             self._segments.pop()
-            self._unlink(active.path)
+            unlink_logged(active.path)
 
     # --- acks and deleting segments -----------------------------------------------------
     def _exists(self, seq: int) -> bool:
@@ -332,7 +311,7 @@ class Spool:
         for segment in done:
             self._remove_segment(segment)
 
-    def _drop_segment(self, segment: _Segment, reason: str) -> None:
+    def _drop_segment(self, segment: Segment, reason: str) -> None:
         lost = segment.count - segment.existing(segment.first_seq, self._watermark)
         lost -= sum(1 for seq in self._acks_above if seq <= segment.last_seq)
         if lost:
@@ -346,7 +325,7 @@ class Spool:
         self._write_state()
         self._remove_segment(segment)
 
-    def _remove_segment(self, segment: _Segment) -> None:
+    def _remove_segment(self, segment: Segment) -> None:
         if segment is self._segments[-1]:
             self._close_active()
         if self._read_segment is segment:
@@ -355,10 +334,10 @@ class Spool:
             self._reader = None
         self._segments.remove(segment)
         self._total_bytes -= segment.size_bytes
-        self._unlink(segment.path)
+        unlink_logged(segment.path)
 
     # --- reading ------------------------------------------------------------------------
-    def _records(self, segment: _Segment, offset: int):
+    def _records(self, segment: Segment, offset: int):
         """Yield (seq, payload, offset after it) from ``offset`` to the segment's end."""
         if self._read_segment is not segment:
             self._close_reader()
@@ -366,7 +345,7 @@ class Spool:
             self._read_segment = segment
         self._read_file.seek(offset)
         while offset < segment.size_bytes:
-            record = _read_record(self._read_file)
+            record = read_record(self._read_file)
             if record is None:
                 raise SpoolCorruptError(f"{segment.path} changed at offset {offset}")
             offset += HEADER.size + len(record[1])
@@ -434,43 +413,13 @@ class Spool:
             self._read_file.close()
         self._read_file = self._read_segment = None
 
-    def _unlink(self, path: Path) -> None:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.error("cannot delete %s: %s", path, exc)
 
     # --- recovery -----------------------------------------------------------------------
     def _recover(self) -> None:
-        persisted_next = self._load_state()
-        found = []
-        for path in self.directory.iterdir():
-            if path.suffix == ".seg" and path.stem.isdigit() and path.is_file():
-                found.append((int(path.stem), path))
-            elif path.name == STATE_FILE + ".tmp":
-                self._unlink(path)  # a state write that a crash interrupted
-            elif path.name != STATE_FILE:
-                log.warning("ignoring a stray file in the spool directory: %s", path)
-        found.sort()
-        previous_seq = -1
-        for i, (name_seq, path) in enumerate(found):
-            segment, bad_offset = _scan(path, name_seq, previous_seq)
-            if bad_offset is not None:
-                log.warning("spool: torn or corrupt record in %s at offset %d: truncated there",
-                            path, bad_offset)
-                self._torn += 1
-                self._count_lost_after(segment, found[i + 1][0] if i + 1 < len(found)
-                                       else persisted_next)
-                os.truncate(path, bad_offset)
-            if segment.count == 0:
-                self._unlink(path)
-                continue
-            self._segments.append(segment)
-            self._total_bytes += segment.size_bytes
-            previous_seq = segment.last_seq
-        self._next_seq = persisted_next
-        if self._segments:
-            self._next_seq = max(self._segments[-1].last_seq + 1, persisted_next or 0)
+        found = recover(self.directory)
+        self._segments, self._total_bytes = found.segments, found.total_bytes
+        self._watermark, self._dropped, self._torn = found.watermark, found.dropped, found.torn
+        self._next_seq = found.next_seq
         self._state_dirty = True
         self._write_state()
         self._delete_acked_segments(include_active=True)
@@ -479,61 +428,3 @@ class Spool:
         log.info("spool at %s: %d segments, %d bytes, first unacked seq %s, next seq %s",
                  self.directory, len(self._segments), self._total_bytes,
                  self._next_existing(self._watermark), self._next_seq)
-
-    def _count_lost_after(self, segment: _Segment, bound: int | None) -> None:
-        """The records behind a corrupt one are gone: count the seqs up to ``bound``."""
-        if bound is None:
-            return
-        lost = range(max(segment.last_seq, self._watermark) + 1, bound)
-        count = len(lost) - (segment.last_seq + 1 in lost)  # the corrupt one counts as torn
-        if count > 0:
-            self._dropped += count
-            log.warning("spool: about %d records behind the corrupt one are lost", count)
-
-    def _load_state(self) -> int | None:
-        """Read the watermark and dropped count from state.json; returns its next_seq."""
-        path = self.directory / STATE_FILE
-        if not path.exists():
-            return None
-        try:
-            state = json.loads(path.read_text())
-            acked, dropped, next_seq = state["acked"], state["dropped"], state.get("next_seq")
-            if not all(isinstance(v, int) for v in (acked, dropped, next_seq or 0)):
-                raise ValueError(f"unexpected types in {state!r}")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("corrupt %s (%s): replaying everything on disk", path, exc)
-            return None
-        self._watermark, self._dropped = acked, dropped
-        return next_seq
-
-
-def _scan(path: Path, first_seq: int, previous_seq: int) -> tuple[_Segment, int | None]:
-    """Check a segment record by record; returns it and the offset of its first bad record."""
-    segment = _Segment(path, first_seq=first_seq, last_seq=first_seq - 1)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        while segment.size_bytes < size:
-            record = _read_record(f)
-            if record is None or record[0] <= previous_seq or record[0] < first_seq:
-                return segment, segment.size_bytes
-            seq, payload = record
-            if not segment.count:
-                segment.first_seq = seq
-            elif seq > segment.last_seq + 1:
-                segment.gaps.append((segment.last_seq + 1, seq - 1))
-            segment.last_seq, segment.count = seq, segment.count + 1
-            segment.size_bytes += HEADER.size + len(payload)
-            previous_seq = seq
-    return segment, None
-
-
-def _read_record(f) -> tuple[int, bytes] | None:
-    """The next (seq, payload) in a segment file; None if it is cut short or fails its CRC."""
-    header = f.read(HEADER.size)
-    if len(header) < HEADER.size:
-        return None
-    length, seq, crc = HEADER.unpack(header)
-    payload = f.read(length)
-    if len(payload) < length or zlib.crc32(payload) != crc:
-        return None
-    return seq, payload

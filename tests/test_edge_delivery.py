@@ -76,6 +76,7 @@ class Collector:
 
     def __init__(self, make_client, url: str, topic: str):
         self.payloads: list[bytes] = []
+        self.redelivered = 0
         self.lock = threading.Lock()
         self.client = make_client(f"collector-{uuid.uuid4().hex[:8]}", url=url, clean_session=False,
                                   on_message=self._on_message)
@@ -85,6 +86,12 @@ class Collector:
 
     def _on_message(self, client, userdata, message) -> None:
         with self.lock:
+            if message.dup and bytes(message.payload) in self.payloads:
+                # the broker re-delivering to *this subscriber* what it sent just before its own
+                # shutdown (QoS 1 between broker and subscriber); a frame the agent sent twice
+                # would arrive as a new delivery without the DUP flag and still be caught
+                self.redelivered += 1
+                return
             self.payloads.append(bytes(message.payload))
 
     def seqs(self) -> list[int]:

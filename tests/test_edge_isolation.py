@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
-EDGE_MODULES = ["edge.agent", "edge.encoder", "edge.sources", "edge.resample", "edge.spool", "edge.link",
-                "edge.publisher", "edge.model_update", "edge.procstat", "shared_models.wire", "shared_models.synth",
-                "shared_models.bundle", "soundfleet.cli", "soundfleet.config", "soundfleet.services"]
+EDGE_MODULES = ["edge.agent", "edge.encoder", "edge.sources", "edge.mic", "edge.source_blocks", "edge.resample",
+                "edge.spool", "edge.spool_recovery", "edge.link", "edge.publisher", "edge.model_update",
+                "edge.procstat", "shared_models.wire", "shared_models.synth", "shared_models.bundle",
+                "soundfleet.cli", "soundfleet.config", "soundfleet.services"]
 
 
 def test_edge_modules_load_without_torch_or_ray_or_pydantic():

@@ -1,13 +1,18 @@
 """The edge agent installs and runs with only the `edge` extra: no torch, no ray.
 
 Builds a fresh virtual environment, installs `soundfleet[edge]` into it from
-this checkout, and streams a WAV through the real broker from there.
+this checkout, and streams a WAV through the real broker from there. Then adds
+the test tools (no torch, ray, redis or amqtt) and runs the agent's own tests
+in that environment, against this session's broker.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -17,6 +22,21 @@ from shared_models import wire
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "siren_street.wav"
+HEAVY_MODULES = ("torch", "torchaudio", "ray", "redis", "amqtt")  # the cloud's, never the edge's
+TEST_TOOLS = ("pytest", "pytest-timeout", "hypothesis")  # versions from the dev extra
+EDGE_TESTS = [  # the tests of edge code that need nothing beyond the edge extra
+    "tests/test_edge_isolation.py",
+    "tests/test_edge_sources.py",
+    "tests/test_resample.py",
+    "tests/test_spool.py",
+    "tests/test_wire.py",
+    "tests/test_wire_messages.py",
+    "tests/test_model_update.py",
+    "tests/test_edge_agent.py",
+    "tests/test_edge_delivery.py",
+]
+INNER_TIMEOUT_S = 480  # the delivery tests alone take ~50 s
+PROGRESS_LINE = re.compile(r"[.sxXFE]+\s+\[\s*\d+%\]$")  # -q's dots, left out of the summary
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +49,35 @@ def edge_venv(tmp_path_factory) -> Path:
     return venv
 
 
+def edge_env(venv: Path, **extra: str) -> dict[str, str]:
+    """This environment without what would lead the venv's python to other packages or pytest options."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not k.startswith("PYTEST_")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no caches in the checkout
+    return {**env, **extra}
+
+
+def importable(venv: Path, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` the venv's python finds, run from the repo as the edge tests are."""
+    code = ("import importlib.util, sys\n"
+            "print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m)))")
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", code, *modules], capture_output=True,
+                            text=True, cwd=REPO, env=edge_env(venv), check=True)
+    return result.stdout.split()
+
+
+def dev_requirements(names: tuple[str, ...]) -> list[str]:
+    """The dev extra's requirements for ``names``, so the versions are written in one place."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dev = pyproject["project"]["optional-dependencies"]["dev"]
+    by_name = {re.match(r"[A-Za-z0-9_.-]+", r).group().lower(): r for r in dev}
+    return [by_name[name] for name in names]
+
+
 @pytest.mark.slow
-def test_edge_extra_has_no_torch_or_ray(edge_venv):
-    for module in ("torch", "ray", "torchaudio"):
-        result = subprocess.run([str(edge_venv / "bin" / "python"), "-c", f"import {module}"], capture_output=True)
-        assert result.returncode != 0, f"{module} is importable in the edge-only environment"
+def test_edge_extra_brings_no_cloud_packages(edge_venv):
+    assert importable(edge_venv, HEAVY_MODULES) == [], "importable in the edge-only environment"
 
 
 @pytest.mark.slow
@@ -60,3 +104,25 @@ def test_edge_only_agent_streams_a_wav_to_the_real_broker(edge_venv, mqtt_url, m
     assert [m.seq for m in messages] == list(range(8))
     assert all(m.frame_count == 40 for m in messages)
     assert len({int(m.codes.max()) for m in messages}) > 1  # real codes, not a constant
+
+
+@pytest.mark.slow
+def test_edge_tests_pass_with_only_the_edge_extra(edge_venv, mqtt_url, capsys):
+    python = str(edge_venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    result = subprocess.run([*pip, *dev_requirements(TEST_TOOLS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert importable(edge_venv, HEAVY_MODULES) == [], "the test tools brought in cloud packages"
+
+    # pyproject's asyncio_* options belong to pytest-asyncio, which no edge test needs.
+    command = [python, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+               "-W", "ignore::pytest.PytestConfigWarning", *EDGE_TESTS]
+    env = edge_env(edge_venv, SOUNDFLEET_TEST_MQTT_URL=mqtt_url)  # the broker of this session
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=INNER_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    summary = [line for line in output.splitlines() if not PROGRESS_LINE.match(line)][-8:]
+    with capsys.disabled():  # the inner summary belongs in the CI log, pass or fail
+        print("\nedge tests in the edge-only environment:\n" + "\n".join(summary))
+    assert result.returncode == 0, output[-6000:]
+
