@@ -36,7 +36,7 @@ import onnxruntime
 
 from edge.agent import message_chunks, pack_frames
 from edge.encoder import EdgeEncoder
-from edge.procstat import BYTES_PER_MB, peak_rss_mb
+from edge.procstat import BYTES_PER_MB, peak_rss_mb, status_kb
 from edge.sources import SourceError, file_source
 from shared_models import bundle
 from shared_models.constants import (
@@ -206,13 +206,8 @@ def _run_agent_process(wav: Path, bundle_dir: Path, frames: int, broker_url: str
         log.info("agent process: soundfleet edge run --source %s --broker %s", wav.name, broker_url)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak_kb = 0
-        status = Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
-            try:
-                peak_kb = max(peak_kb, *(int(line.split()[1]) for line in status.read_text().splitlines()
-                                         if line.startswith("VmHWM:")))
-            except (OSError, ValueError):
-                pass  # not Linux, or the process just exited
+            peak_kb = max(peak_kb, status_kb("VmHWM", proc.pid) or 0)  # None: exiting, or not Linux
             time.sleep(0.02)
         stderr = proc.stderr.read() if proc.stderr else ""
     if proc.returncode not in (0, 3):  # 3: finished with frames left in the spool (no broker)

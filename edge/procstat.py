@@ -12,9 +12,10 @@ from pathlib import Path
 BYTES_PER_MB = 1_000_000  # decimal MB: the stricter reading of the 80 MB target
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str, pid: int | str = "self") -> int | None:
+    """A kB field of /proc/<pid>/status (e.g. VmHWM), None off Linux or once the process is gone."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -24,14 +25,14 @@ def _status_kb(field: str) -> int | None:
 
 def rss_mb() -> float:
     """Resident memory now, in MB."""
-    kb = _status_kb("VmRSS")
+    kb = status_kb("VmRSS")
     return peak_rss_mb() if kb is None else kb * 1024 / BYTES_PER_MB
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this program, in MB: VmHWM where Linux has it, because ru_maxrss
     carries the parent's peak over fork + exec (a child of a 200 MB parent reads >= 200 MB)."""
-    kb = _status_kb("VmHWM")
+    kb = status_kb("VmHWM")
     if kb is None:
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kb * 1024 / BYTES_PER_MB
