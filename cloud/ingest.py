@@ -170,6 +170,8 @@ class Ingest:
         states = self.code_lm.states.remote(accepted.context)
         probs = self.classifier.probs.remote(states, window_codes).result()
         self._update_events(site, device, message, probs)
+        # ingest-to-classification latency, from the capture time of the window's last sample
+        self.store.observe("latency_ms", [(time.time_ns() - message.t_end_ns) / 1e6])
 
     def _update_events(self, site: str, device: str, message: FramesMessage, probs: np.ndarray) -> None:
         end_ns = message.t_end_ns

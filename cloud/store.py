@@ -8,6 +8,8 @@ Keys (all under the configured prefix, default ``sf:``)::
     events                   stream one entry per event (JSON + filter fields)
     deadletter               stream rejected payloads with the reason
     metrics                  hash   counters: received, accepted, rejected:<reason>, ...
+    hist:{name}              hash   histogram: bucket upper bound ("le") -> count, plus sum and count
+    samples:{name}           list   the latest raw observations (newest first, capped), for benchmarks
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from shared_models.wire import SoundEvent
 log = logging.getLogger(__name__)
 
 DEADLETTER_MAXLEN = 10_000
+SAMPLES_MAXLEN = 200_000  # raw observations kept per histogram: a few minutes of a 500-device fleet
+# histogram bucket upper bounds (Prometheus "le"), by metric name
+HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
+    "latency_ms": (5, 10, 25, 50, 100, 150, 200, 250, 500, 1000, 2500, 5000, 10000),
+    "batch_size": (1, 2, 4, 8, 16, 32, 64, 128),
+}
 DEADLETTER_PAYLOAD_BYTES = 64 * 1024
 
 # Atomically: drop a duplicate, append codes to the context (trimmed to its
@@ -149,6 +157,29 @@ class CloudStore:
 
     def count(self, name: str, n: int = 1) -> None:
         self.r.hincrby(self.key("metrics"), name, n)
+
+    def observe(self, name: str, values: list[float]) -> None:
+        """Add observations to histogram ``name`` (shared by every replica, as Redis is) and to
+        its capped list of raw samples, in one round trip."""
+        if not values:
+            return
+        hist, pipe = self.key("hist", name), self.r.pipeline(transaction=False)
+        for value in values:
+            le = next((b for b in HISTOGRAM_BUCKETS[name] if value <= b), "+Inf")
+            pipe.hincrby(hist, str(le), 1)
+        pipe.hincrbyfloat(hist, "sum", float(sum(values)))
+        pipe.hincrby(hist, "count", len(values))
+        pipe.lpush(self.key("samples", name), *[f"{v:.3f}" for v in values])
+        pipe.ltrim(self.key("samples", name), 0, SAMPLES_MAXLEN - 1)
+        pipe.execute()
+
+    def histogram(self, name: str) -> dict[str, float]:
+        """Bucket upper bound -> count (not cumulative), plus "sum" and "count"."""
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self.key("hist", name)).items()}
+
+    def samples(self, name: str, limit: int = SAMPLES_MAXLEN) -> list[float]:
+        """The latest raw observations, newest first."""
+        return [float(v) for v in self.r.lrange(self.key("samples", name), 0, limit - 1)]
 
     def metrics(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self.key("metrics")).items()}
