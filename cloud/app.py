@@ -70,7 +70,7 @@ def build_app(config: CloudConfig):
     gpu = _gpu_options()
     code_lm = CodeLM.options(ray_actor_options=gpu).bind(*model_args)
     classifier = Classifier.options(ray_actor_options=gpu).bind(*model_args)
-    ingest = Ingest.options(ray_actor_options={"num_cpus": 0.5}).bind(config, bundle_dir, code_lm, classifier)
+    ingest = Ingest.options(num_replicas=config.ingest_replicas, ray_actor_options={"num_cpus": 0.5}).bind(config, bundle_dir, code_lm, classifier)
     return Api.options(ray_actor_options={"num_cpus": 0.25}).bind(config, ingest)
 
 

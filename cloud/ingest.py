@@ -1,15 +1,21 @@
 """MQTT ingest: frames and status from the fleet into Redis, the models and events.
 
 Ray Serve has no MQTT ingress, so this deployment runs its own paho client.
-paho's network thread only parses the topic and hands the message to one of
-``ingest_workers`` threads, chosen by device so that a device's messages are
-handled in order by a single thread; the queues are bounded, so a burst
-blocks paho (and with it TCP reads from the broker) instead of growing memory.
+With ``ingest_replicas`` > 1 every replica joins one MQTT shared subscription
+(``$share/<group>/...``) and the broker splits the fleet's messages between
+them; `cloud.device_log` puts each device's frames back in order, exactly
+once, whichever replica received them. paho's network thread only parses the
+topic and hands the message to one of ``ingest_workers`` threads, chosen by
+device; the queues are bounded, so a burst blocks paho (and with it TCP reads
+from the broker) instead of growing memory.
 
-Each worker: decode (bad payloads -> dead letter, counted) -> atomic Redis
-accept (duplicates dropped, context appended; frames the edge's loudness gate
-sent as silent enter the context as the bundle's silence code) -> code LM ->
-classifier -> event logic -> events to Redis Stream and MQTT.
+Each worker: decode (bad payloads -> dead letter, counted) -> accept into the
+device log (duplicates dropped, late frames reordered; frames the edge's
+loudness gate sent as silent enter as the bundle's silence code) -> under the
+device's lease: code LM -> classifier -> event logic -> one atomic commit
+(context, event state, events) -> events on MQTT. A model call that fails (a
+replica died) is retried: the item stays at the head of the device's work
+list until it is committed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import paho.mqtt.client as mqtt
 from ray import serve
 
 from cloud import events as event_logic
+from cloud.device_log import DeviceLog, Lease, WorkItem
 from cloud.store import CloudStore
 from shared_models import bundle
 from shared_models.constants import FRAME_DURATION_NS
@@ -46,6 +53,9 @@ from soundfleet.services import mqtt_client
 log = logging.getLogger(__name__)
 
 STOP = object()
+PEEK_ITEMS = 8  # work items read per round trip while draining a device
+SWEEP_S = 1.0  # how often a replica looks for work a dead replica left behind
+MODEL_RETRY_S = 0.5  # wait before retrying a failed model call (Serve is restarting a replica)
 
 
 @dataclass
@@ -53,6 +63,14 @@ class Inbound:
     topic: str
     payload: bytes
     received_ns: int
+
+
+@dataclass
+class Drain:
+    """Work on a device's log that no message of this replica will trigger (the sweeper's)."""
+
+    site: str
+    device: str
 
 
 def context_codes(message: FramesMessage, silence_code: int) -> np.ndarray:
@@ -85,10 +103,13 @@ class Ingest:
         self.manifest = bundle.verify_bundle(bundle_dir)
         self.silence_code = bundle.silence_code(bundle_dir)
         self.store = CloudStore(config.redis_url, config.key_prefix, config.events_maxlen)
+        self.log = DeviceLog(self.store.r, self.store.key, config.events_maxlen,
+                             reorder_window_ms=int(config.reorder_window_s * 1000), max_pending=config.max_pending)
         self.code_lm, self.classifier = code_lm, classifier
         self.window = self.manifest["classifier_config"]["window_frames"]
         self.context = self.manifest["code_lm_config"]["context_frames"]
         self.policies = label_policies(config, self.manifest)
+        self.replica = uuid.uuid4().hex[:8]
         self.connected = threading.Event()
         per_worker = max(1, config.ingest_queue // config.ingest_workers)
         self.queues = [queue.Queue(maxsize=per_worker) for _ in range(config.ingest_workers)]
@@ -98,11 +119,20 @@ class Ingest:
         ]
         for w in self.workers:
             w.start()
+        threading.Thread(target=self._sweep, name="ingest-sweeper", daemon=True).start()
         self.client = self._connect()
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        """Plain subscriptions for one replica (every broker, retained statuses included);
+        a shared subscription group when there are several (the broker splits the messages)."""
+        group = self.config.ingest_share_group
+        if self.config.ingest_replicas > 1 and group:
+            return [(f"$share/{group}/{FRAMES_SUBSCRIPTION}", 1), (f"$share/{group}/{STATUS_SUBSCRIPTION}", 1)]
+        return [(FRAMES_SUBSCRIPTION, 1), (STATUS_SUBSCRIPTION, 1)]
 
     # --- MQTT ----------------------------------------------------------------
     def _connect(self) -> mqtt.Client:
-        client, endpoint = mqtt_client(self.config.broker_url, f"sf-ingest-{uuid.uuid4().hex[:8]}")
+        client, endpoint = mqtt_client(self.config.broker_url, f"sf-ingest-{self.replica}")
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *a: self.connected.clear()
         client.on_message = self._on_message
@@ -116,18 +146,18 @@ class Ingest:
         if reason_code.is_failure:
             log.error("broker refused the ingest: %s", reason_code)
             return
-        client.subscribe([(FRAMES_SUBSCRIPTION, 1), (STATUS_SUBSCRIPTION, 1)])
+        client.subscribe(self._subscriptions())
         self.connected.set()
-        log.info("ingest subscribed to %s", FRAMES_SUBSCRIPTION)
+        log.info("ingest replica %s subscribed to %s", self.replica, [t for t, _ in self._subscriptions()])
 
     def _on_message(self, client, userdata, msg) -> None:
         item = Inbound(msg.topic, bytes(msg.payload), time.time_ns())
         try:
             site, device, _ = parse_device_topic(msg.topic)
-            shard = zlib.crc32(f"{site}/{device}".encode()) % len(self.queues)
+            target = self._queue_for(site, device)
         except WireError:
-            shard = 0  # the worker dead-letters it
-        self.queues[shard].put(item)  # blocks when full: backpressure onto the broker
+            target = self.queues[0]  # the worker dead-letters it
+        target.put(item)  # blocks when full: backpressure onto the broker
 
     # --- workers ---------------------------------------------------------------
     def _work(self, q: queue.Queue) -> None:
@@ -136,10 +166,27 @@ class Ingest:
             if item is STOP:
                 return
             try:
-                self._handle(item)
+                if isinstance(item, Drain):
+                    self._drain(item.site, item.device)
+                else:
+                    self._handle(item)
             except Exception:  # never let one message kill the worker: count it and go on
-                log.exception("ingest failed on %s", item.topic)
-                self.store.dead_letter("internal_error", item.topic, item.payload)
+                log.exception("ingest failed on %s", item)
+                if isinstance(item, Inbound):
+                    self.store.dead_letter("internal_error", item.topic, item.payload)
+
+    def _sweep(self) -> None:
+        """Pick up devices whose work nobody is draining (a replica died holding their lease)."""
+        while True:
+            time.sleep(SWEEP_S)
+            try:
+                for site, device in self.log.active_devices():
+                    self._queue_for(site, device).put(Drain(site, device))
+            except Exception:
+                log.exception("ingest sweeper failed; retrying")
+
+    def _queue_for(self, site: str, device: str) -> queue.Queue:
+        return self.queues[zlib.crc32(f"{site}/{device}".encode()) % len(self.queues)]
 
     def _handle(self, item: Inbound) -> None:
         self.store.count("received")
@@ -159,46 +206,102 @@ class Ingest:
             self.store.dead_letter("WrongCodebook", item.topic, item.payload,
                                    f"codebook {message.codebook_id} != {self.manifest['codebook_id']}")
             return
-        codes = context_codes(message, self.silence_code)
-        accepted = self.store.accept_frames(site, device, message.seq, codes, message.t_end_ns, self.context)
-        if accepted is None:
-            return
+        work = WorkItem(message.seq, message.t_end_ns, item.received_ns, context_codes(message, self.silence_code))
+        accepted = self.log.accept(site, device, work, time.time_ns() // 1_000_000)
+        if not accepted.new:
+            return self.store.count("duplicates")
         self.store.count("accepted")
-        if len(accepted.context) < self.window:
-            return  # not a full window yet
-        window_codes = accepted.context[-self.window :]
-        states = self.code_lm.states.remote(accepted.context)
-        probs = self.classifier.probs.remote(states, window_codes).result()
-        self._update_events(site, device, message, probs)
-        # ingest-to-classification latency, from the capture time of the window's last sample
-        self.store.observe("latency_ms", [(time.time_ns() - message.t_end_ns) / 1e6])
+        if accepted.lost:
+            self.store.count("lost", accepted.lost)
+            log.warning("%s/%s: %d messages never arrived within the reorder window", site, device, accepted.lost)
+        if accepted.released:
+            self._drain(site, device)
 
-    def _update_events(self, site: str, device: str, message: FramesMessage, probs: np.ndarray) -> None:
-        end_ns = message.t_end_ns
-        start_ns = end_ns - self.window * FRAME_DURATION_NS
-        states = self.store.load_label_states(site, device)
-        for label, p in zip(self.manifest["labels"], probs, strict=True):
-            state = states.setdefault(label, event_logic.LabelState())
-            closed = event_logic.step(state, self.policies[label], float(p), start_ns, end_ns, message.seq)
-            if closed:
-                self._emit(site, device, label, closed)
-        self.store.save_label_states(site, device, states)
+    def _drain(self, site: str, device: str) -> None:
+        """Process the device's ready items in order while holding its lease."""
+        lease = self.log.lease(site, device)
+        if lease is None:
+            return  # another replica (or thread) is draining it and will see our items
+        while True:
+            items, context, states = self.log.peek(lease, PEEK_ITEMS)
+            if not items:
+                if self.log.release(lease):
+                    return
+                continue
+            for work in items:
+                result = self._process(lease, work, context, states)
+                if result is None:
+                    return  # the lease was lost: whoever took it goes on from the head
+                context, states = result
+
+    def _process(self, lease: Lease, work: WorkItem, context: np.ndarray, states: dict[str, dict]):
+        context = np.concatenate([context, work.codes])[-self.context :]  # (T,) codes, oldest first
+        events: list[SoundEvent] = []
+        if len(context) >= self.window:  # a full window: classify it
+            probs = self._classify(context)
+            label_states = {label: event_logic.LabelState.from_dict(d) for label, d in states.items()}
+            start_ns = work.t_end_ns - self.window * FRAME_DURATION_NS
+            for label, p in zip(self.manifest["labels"], probs, strict=True):
+                state = label_states.setdefault(label, event_logic.LabelState())
+                closed = event_logic.step(state, self.policies[label], float(p), start_ns, work.t_end_ns, work.seq)
+                if closed:
+                    events.append(self._event(lease.site, lease.device, label, closed))
+            states = {label: s.to_dict() for label, s in label_states.items()}
+        if not self.log.commit(lease, work.seq, context, states, [self._event_fields(e) for e in events]):
+            log.warning("%s/%s: lost the lease before seq %d was committed; another replica redoes it",
+                        lease.site, lease.device, work.seq)
+            return None
+        self.store.count(f"processed_by:{self.replica}")
+        self._publish(events)
+        if len(context) >= self.window:
+            # ingest-to-classification latency, from the capture time of the window's last sample
+            self.store.observe("latency_ms", [(time.time_ns() - work.t_end_ns) / 1e6])
+        return context, states
+
+    def _classify(self, context: np.ndarray) -> np.ndarray:
+        """(L,) label probabilities of the context's last window; retried until the models answer
+        (a dead model replica is restarted by Serve; the item waits at the head of the log)."""
+        while True:
+            try:
+                states = self.code_lm.states.remote(context)
+                return self.classifier.probs.remote(states, context[-self.window :]).result()
+            except Exception as exc:  # RayActorError, a replica being replaced, ...
+                self.store.count("model_retries")
+                log.warning("model call failed (%s); retrying in %.1f s", type(exc).__name__, MODEL_RETRY_S)
+                time.sleep(MODEL_RETRY_S)
 
     def _handle_status(self, site: str, device: str, status: StatusMessage) -> None:
         # an online status is a full heartbeat; an offline one (often the last will) only says so,
         # so the device keeps its last known versions, spool depth, CPU and memory
         fields = status.to_dict() if status.state == "online" else {"state": status.state, "t_ns": status.t_ns}
         self.store.set_status(site, device, fields)
-        if status.state == "offline":  # the stream ended: close whatever is still active
-            states = self.store.load_label_states(site, device)
+        if status.state == "offline":
+            self._close_events(site, device)
+
+    def _close_events(self, site: str, device: str, timeout_s: float = 10.0) -> None:
+        """The stream ended: close whatever is still active, under the device's lease."""
+        deadline = time.monotonic() + timeout_s
+        while (lease := self.log.lease(site, device)) is None:
+            if time.monotonic() > deadline:
+                log.warning("%s/%s went offline but its lease stayed busy; events close later", site, device)
+                return
+            time.sleep(0.05)
+        try:
+            _, _, raw = self.log.peek(lease, 0)
+            states = {label: event_logic.LabelState.from_dict(d) for label, d in raw.items()}
+            events = []
             for label, state in states.items():
                 closed = event_logic.close(state, self.policies[label])
                 if closed:
-                    self._emit(site, device, label, closed)
-            self.store.save_label_states(site, device, states)
+                    events.append(self._event(site, device, label, closed))
+            if self.log.commit(lease, None, None, {k: s.to_dict() for k, s in states.items()},
+                               [self._event_fields(e) for e in events]):
+                self._publish(events)
+        finally:
+            self.log.release(lease)
 
-    def _emit(self, site: str, device: str, label: str, closed: event_logic.ClosedEvent) -> None:
-        event = SoundEvent(
+    def _event(self, site: str, device: str, label: str, closed: event_logic.ClosedEvent) -> SoundEvent:
+        return SoundEvent(
             event_id=uuid.uuid4().hex,
             site=site,
             device=device,
@@ -211,9 +314,16 @@ class Ingest:
             seq_first=closed.seq_first,
             seq_last=closed.seq_last,
         )
-        self.store.append_event(event)
-        self.client.publish(events_topic(site, device), event.to_bytes(), qos=1)
-        log.info("event %s on %s/%s score %.2f", label, site, device, closed.score)
+
+    @staticmethod
+    def _event_fields(event: SoundEvent) -> tuple[str, str, str, bytes]:
+        return event.site, event.device, event.label, event.to_bytes()
+
+    def _publish(self, events: list[SoundEvent]) -> None:
+        """Events on MQTT after they are committed to the Redis stream (the record of truth)."""
+        for event in events:
+            self.client.publish(events_topic(event.site, event.device), event.to_bytes(), qos=1)
+            log.info("event %s on %s/%s score %.2f", event.label, event.site, event.device, event.score)
 
     # --- health ------------------------------------------------------------------
     def stats(self) -> dict:
@@ -221,6 +331,7 @@ class Ingest:
             "mqtt_connected": self.connected.is_set(),
             "workers_alive": sum(w.is_alive() for w in self.workers),
             "queued": sum(q.qsize() for q in self.queues),
+            "replica": self.replica,
             "metrics": self.store.metrics(),
         }
 

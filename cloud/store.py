@@ -5,6 +5,7 @@ Keys (all under the configured prefix, default ``sf:``)::
     dev:{site}:{device}      hash   last_seq, status, model/codebook, counters
     ctx:{site}:{device}      string the latest codes (uint16 LE), the code LM's context
     evstate:{site}:{device}  hash   label -> JSON LabelState (event logic)
+    pend/work/lease:{s}:{d}, active   the per-device ordered work queue (cloud/device_log.py)
     events                   stream one entry per event (JSON + filter fields)
     deadletter               stream rejected payloads with the reason
     metrics                  hash   counters: received, accepted, rejected:<reason>, ...
@@ -17,12 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import redis
 
-from cloud.events import LabelState
 from shared_models.wire import SoundEvent
 
 log = logging.getLogger(__name__)
@@ -33,43 +31,10 @@ SAMPLES_MAXLEN = 200_000  # raw observations kept per histogram: a few minutes o
 HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
     "latency_ms": (5, 10, 25, 50, 100, 150, 200, 250, 500, 1000, 2500, 5000, 10000),
     "batch_size": (1, 2, 4, 8, 16, 32, 64, 128),
+    "batch_size_code_lm": (1, 2, 4, 8, 16, 32, 64, 128),  # requests per @serve.batch call, by model
+    "batch_size_classifier": (1, 2, 4, 8, 16, 32, 64, 128),
 }
 DEADLETTER_PAYLOAD_BYTES = 64 * 1024
-
-# Atomically: drop a duplicate, append codes to the context (trimmed to its
-# maximum length), record the seq. A seq of 0 after a higher one means the
-# agent restarted with fresh state: its context starts again.
-ACCEPT_FRAMES = """
-local last = redis.call('HGET', KEYS[1], 'last_seq')
-local seq = tonumber(ARGV[1])
-local gap = 0
-if last then
-  last = tonumber(last)
-  if seq <= last then
-    if seq == 0 and last > 0 then
-      redis.call('DEL', KEYS[2])
-      redis.call('HINCRBY', KEYS[1], 'restarts', 1)
-    else
-      return {0, '', 0}
-    end
-  elseif seq > last + 1 then
-    gap = seq - last - 1
-  end
-end
-local ctx = (redis.call('GET', KEYS[2]) or '') .. ARGV[2]
-local max_bytes = tonumber(ARGV[3])
-if #ctx > max_bytes then ctx = string.sub(ctx, -max_bytes) end
-redis.call('SET', KEYS[2], ctx)
-redis.call('HSET', KEYS[1], 'last_seq', seq, 'last_frame_ns', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'frames', ARGV[5])
-return {1, ctx, gap}
-"""
-
-
-@dataclass(frozen=True)
-class Accepted:
-    context: np.ndarray  # (T,) uint16 codes, oldest first, ending with this message's codes
-    gap: int  # messages missing before this one (0 when in order)
 
 
 class CloudStore:
@@ -77,27 +42,12 @@ class CloudStore:
         self.r = redis.Redis.from_url(url, socket_timeout=10)
         self.prefix = prefix
         self.events_maxlen = events_maxlen
-        self._accept = self.r.register_script(ACCEPT_FRAMES)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
     def ping(self) -> bool:
         return bool(self.r.ping())
-
-    # --- frames --------------------------------------------------------------
-    def accept_frames(self, site: str, device: str, seq: int, codes: np.ndarray, t_end_ns: int, context_frames: int) -> Accepted | None:
-        """Append a message's codes to the device context; None for a duplicate."""
-        ok, ctx, gap = self._accept(
-            keys=[self.key("dev", site, device), self.key("ctx", site, device)],
-            args=[seq, codes.astype("<u2").tobytes(), 2 * context_frames, t_end_ns, len(codes)],
-        )
-        if not ok:
-            self.count("duplicates")
-            return None
-        if gap:
-            self.count("gaps", gap)
-        return Accepted(np.frombuffer(ctx, dtype="<u2").copy(), int(gap))
 
     # --- device status ------------------------------------------------------
     def set_status(self, site: str, device: str, status: dict) -> None:
@@ -110,16 +60,6 @@ class CloudStore:
             fields = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
             out.append({"site": site, "device": device, **fields})
         return sorted(out, key=lambda d: (d["site"], d["device"]))
-
-    # --- event logic state --------------------------------------------------
-    def load_label_states(self, site: str, device: str) -> dict[str, LabelState]:
-        raw = self.r.hgetall(self.key("evstate", site, device))
-        return {k.decode(): LabelState.from_dict(json.loads(v)) for k, v in raw.items()}
-
-    def save_label_states(self, site: str, device: str, states: dict[str, LabelState]) -> None:
-        if states:
-            mapping = {label: json.dumps(s.to_dict()) for label, s in states.items()}
-            self.r.hset(self.key("evstate", site, device), mapping=mapping)
 
     # --- outputs --------------------------------------------------------------
     def append_event(self, event: SoundEvent) -> str:

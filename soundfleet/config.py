@@ -101,6 +101,10 @@ class CloudConfig:
     hold_windows: int = field(default=1, metadata={"doc": "windows below off_threshold an active event survives (bridges short pauses)"})
     cooldown_s: float = field(default=2.0, metadata={"doc": "seconds after an event ends before the same label can start again on a device"})
     events_maxlen: int = field(default=100_000, metadata={"doc": "approximate retention of the Redis event stream, in entries"})
+    ingest_replicas: int = field(default=1, metadata={"doc": "ingest replicas; > 1 joins them in one MQTT shared subscription (the broker must support $share, e.g. Mosquitto)"})
+    ingest_share_group: str = field(default="soundfleet-ingest", metadata={"doc": "MQTT shared subscription group of the ingest replicas (used when ingest_replicas > 1)"})
+    reorder_window_s: float = field(default=2.0, metadata={"doc": "how long a device's late frame is waited for before the gap is counted as lost and the stream goes on"})
+    max_pending: int = field(default=30, metadata={"doc": "frames messages parked behind a gap per device before the gap is given up"})
     ingest_workers: int = field(default=4, metadata={"doc": "threads processing frames in the ingest replica (devices are pinned to one)"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
     max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: largest batch per model call"})
@@ -111,6 +115,8 @@ class CloudConfig:
             raise ConfigError("cloud.off_threshold must be within (0, 1)")
         if self.on_threshold is not None and not self.off_threshold <= self.on_threshold < 1.0:
             raise ConfigError("cloud thresholds need 0 < off_threshold <= on_threshold < 1")
+        if self.ingest_replicas < 1 or self.max_pending < 1 or self.reorder_window_s < 0:
+            raise ConfigError("cloud.ingest_replicas and max_pending must be >= 1, reorder_window_s >= 0")
         if self.min_windows < 1 or self.ingest_workers < 1 or self.ingest_queue < 1:
             raise ConfigError("cloud.min_windows, ingest_workers and ingest_queue must be >= 1")
 

@@ -334,21 +334,23 @@ def test_context_codes_put_the_silence_code_at_silent_frames() -> None:
     np.testing.assert_array_equal(context_codes(message(None), 42), np.arange(1, N + 1))
 
 
-def test_store_keeps_silence_code_in_the_redis_context(
+def test_device_log_keeps_silence_code_in_the_queued_codes(
     redis_url, redis_prefix, redis_client
 ) -> None:
+    from cloud.device_log import DeviceLog, WorkItem
     from cloud.ingest import context_codes
     from cloud.store import CloudStore
 
     store = CloudStore(redis_url, redis_prefix)
+    log = DeviceLog(store.r, store.key, events_maxlen=100, reorder_window_ms=0)  # seq 5 first: no wait
     silent = mask_of(N, (5, 10))
     msg = FramesMessage.from_bytes(message(silent).to_bytes())  # as the ingest sees it
     code = bundle.silence_code(bundle.default_bundle_dir())
-    accepted = store.accept_frames(
-        SITE, "dev", msg.seq, context_codes(msg, code), msg.t_end_ns, 160
-    )
-    stored = np.frombuffer(redis_client.get(f"{redis_prefix}ctx:{SITE}:dev"), "<u2")
-    np.testing.assert_array_equal(stored, accepted.context)
+    item = WorkItem(msg.seq, msg.t_end_ns, 0, context_codes(msg, code))
+    assert log.accept(SITE, "dev", item, now_ms=0).released == 1
+    lease = log.lease(SITE, "dev")
+    (queued,), _, _ = log.peek(lease, 8)
+    stored = queued.codes
     assert (stored[silent] == code).all() and SILENT_CODE not in stored
     np.testing.assert_array_equal(stored[~silent], np.arange(1, N + 1)[~silent])
 

@@ -1,0 +1,218 @@
+"""Exactly once, in order, per device, across any number of ingest replicas: Redis does it.
+
+The frames topic is split between ingest replicas by an MQTT shared subscription,
+so consecutive messages of one device can land on different replicas, late,
+twice, or out of order. Three atomic steps (Lua scripts) put them back in line:
+
+1. ``accept`` (whoever received the message): drop it if its seq was already
+   accepted or is already parked; park it in the device's reorder buffer
+   (``pend``, a sorted set by seq); then release, in seq order, every parked
+   message that is next in line onto the device's work list (``work``). A gap
+   that is not filled within ``reorder_window_ms`` (or with more than
+   ``max_pending`` parked behind it) is given up: counted as lost, and the
+   stream goes on from the next parked message.
+2. ``lease``: one replica at a time processes a device (``SET NX PX`` with a
+   random token). The holder peeks at the head of the work list together with
+   the device's context and event-logic state, runs the models, and
+3. ``commit``: only if it still holds the lease and the head is still the item
+   it processed: pop it, store the new context and event state, append the
+   events to the stream, count. A replica that dies mid-item commits nothing;
+   its lease expires and the next replica re-processes the same item, so a
+   frame is neither lost nor processed twice. ``release`` gives the lease back
+   only if the work list is empty (else the holder keeps draining), so an item
+   pushed while the holder was finishing is never stranded.
+
+Keys, under the store's prefix: ``dev:{s}:{d}`` (hash: last_seq, pending clock,
+counters), ``pend:{s}:{d}``, ``work:{s}:{d}``, ``lease:{s}:{d}``, ``ctx:{s}:{d}``
+(the code context, uint16 LE), ``evstate:{s}:{d}``, ``events`` (stream),
+``active`` (set of devices with work, for the sweeper that picks up the work of
+a replica that died).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+ITEM_HEADER = struct.Struct("<IQQ")  # seq u32, t_end_ns u64, received_ns u64; then the codes, uint16 LE
+
+ACCEPT = """
+local dev, pend, work, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local seq, item, now = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local window, max_pending, device = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local last = tonumber(redis.call('HGET', dev, 'last_seq') or '-1')
+if seq == 0 and last > 0 then  -- the agent lost its state and starts over at 0
+  redis.call('DEL', pend)
+  redis.call('HINCRBY', dev, 'restarts', 1)
+  last = -1
+end
+if seq <= last or #redis.call('ZRANGEBYSCORE', pend, seq, seq, 'LIMIT', 0, 1) > 0 then
+  redis.call('HINCRBY', dev, 'duplicates', 1)
+  return {0, 0, 0}
+end
+if redis.call('ZCARD', pend) == 0 then redis.call('HSET', dev, 'pending_since_ms', now) end
+redis.call('ZADD', pend, seq, item)
+local released, lost = 0, 0
+while true do
+  local head = redis.call('ZRANGE', pend, 0, 0, 'WITHSCORES')
+  if #head == 0 then break end
+  local hseq = tonumber(head[2])
+  local in_line = (hseq == last + 1) or (last == -1 and hseq == 0)
+  if not in_line then
+    local waited = now - tonumber(redis.call('HGET', dev, 'pending_since_ms') or now)
+    if waited < window and redis.call('ZCARD', pend) <= max_pending then break end
+    if last >= 0 then lost = lost + (hseq - last - 1) end  -- given up: counted, never silent
+  end
+  redis.call('ZREMRANGEBYRANK', pend, 0, 0)
+  redis.call('RPUSH', work, head[1])
+  last = hseq
+  released = released + 1
+  redis.call('HSET', dev, 'pending_since_ms', now)
+end
+redis.call('HSET', dev, 'last_seq', last)
+if lost > 0 then redis.call('HINCRBY', dev, 'lost', lost) end
+if released > 0 then redis.call('SADD', active, device) end
+return {1, released, lost}
+"""
+
+COMMIT = """
+local lease, work, ctx, evstate, events, metrics, dev = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local token, seq, ttl, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if redis.call('GET', lease) ~= token then return 0 end
+if seq >= 0 then
+  local head = redis.call('LINDEX', work, 0)
+  if not head or struct.unpack('<I4', head) ~= seq then return 0 end
+  redis.call('LPOP', work)
+  redis.call('SET', ctx, ARGV[5])
+  redis.call('HINCRBY', dev, 'processed', 1)
+  redis.call('HINCRBY', dev, 'frames', (#head - 20) / 2)
+  redis.call('HSET', dev, 'processed_seq', seq)
+  redis.call('HINCRBY', metrics, 'processed', 1)
+end
+local states = cjson.decode(ARGV[6])
+for label, state in pairs(states) do redis.call('HSET', evstate, label, state) end
+local n_events = tonumber(ARGV[7])
+for i = 0, n_events - 1 do
+  local base = 8 + i * 4
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'site', ARGV[base], 'device', ARGV[base + 1],
+             'label', ARGV[base + 2], 'json', ARGV[base + 3])
+end
+if n_events > 0 then redis.call('HINCRBY', metrics, 'events', n_events) end
+redis.call('PEXPIRE', lease, ttl)
+return 1
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('LLEN', KEYS[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[3], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    seq: int
+    t_end_ns: int
+    received_ns: int
+    codes: np.ndarray  # (N,) uint16
+
+    def to_bytes(self) -> bytes:
+        return ITEM_HEADER.pack(self.seq, self.t_end_ns, self.received_ns) + self.codes.astype("<u2").tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WorkItem:
+        seq, t_end_ns, received_ns = ITEM_HEADER.unpack_from(data)
+        return cls(seq, t_end_ns, received_ns, np.frombuffer(data, "<u2", offset=ITEM_HEADER.size).copy())
+
+
+@dataclass(frozen=True)
+class Accepted:
+    new: bool  # False: a duplicate, dropped
+    released: int  # items that became ready, in order (0: parked behind a gap)
+    lost: int  # messages given up as lost in this call
+
+
+@dataclass
+class Lease:
+    site: str
+    device: str
+    token: str
+
+
+class DeviceLog:
+    """The per-device ordered work queue (see the module docstring)."""
+
+    def __init__(self, r: redis.Redis, key: Callable[..., str], events_maxlen: int,
+                 reorder_window_ms: int = 2000, max_pending: int = 30, lease_ms: int = 10_000):
+        self.r, self.key, self.events_maxlen = r, key, events_maxlen
+        self.reorder_window_ms, self.max_pending, self.lease_ms = reorder_window_ms, max_pending, lease_ms
+        self._accept = r.register_script(ACCEPT)
+        self._commit = r.register_script(COMMIT)
+        self._release = r.register_script(RELEASE)
+
+    def _keys(self, kind: str, site: str, device: str) -> str:
+        return self.key(kind, site, device)
+
+    def accept(self, site: str, device: str, item: WorkItem, now_ms: int) -> Accepted:
+        new, released, lost = self._accept(
+            keys=[self._keys("dev", site, device), self._keys("pend", site, device),
+                  self._keys("work", site, device), self.key("active")],
+            args=[item.seq, item.to_bytes(), now_ms, self.reorder_window_ms, self.max_pending, f"{site}/{device}"],
+        )
+        return Accepted(bool(new), int(released), int(lost))
+
+    def lease(self, site: str, device: str) -> Lease | None:
+        token = uuid.uuid4().hex
+        if self.r.set(self._keys("lease", site, device), token, nx=True, px=self.lease_ms):
+            return Lease(site, device, token)
+        return None
+
+    def peek(self, lease: Lease, limit: int) -> tuple[list[WorkItem], np.ndarray, dict[str, dict]]:
+        """Up to ``limit`` items from the head of the work list, the context and the event state."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(self._keys("work", lease.site, lease.device), 0, limit - 1)
+        pipe.get(self._keys("ctx", lease.site, lease.device))
+        pipe.hgetall(self._keys("evstate", lease.site, lease.device))
+        raw_items, ctx, states = pipe.execute()
+        items = [WorkItem.from_bytes(b) for b in raw_items]
+        context = np.frombuffer(ctx or b"", "<u2").copy()
+        return items, context, {k.decode(): json.loads(v) for k, v in states.items()}
+
+    def commit(self, lease: Lease, seq: int | None, context: np.ndarray | None, states: dict[str, dict],
+               events: list[tuple[str, str, str, bytes]]) -> bool:
+        """Pop item ``seq`` (None: no item, e.g. closing events on offline), store the context and
+        the event state, append ``events`` (site, device, label, json): all or nothing. False if
+        the lease was lost (another replica took over): the caller must stop."""
+        s, d = lease.site, lease.device
+        flat: list[object] = []
+        for event in events:
+            flat.extend(event)
+        ok = self._commit(
+            keys=[self._keys("lease", s, d), self._keys("work", s, d), self._keys("ctx", s, d),
+                  self._keys("evstate", s, d), self.key("events"), self.key("metrics"), self._keys("dev", s, d)],
+            args=[lease.token, -1 if seq is None else seq, self.lease_ms, self.events_maxlen,
+                  b"" if context is None else context.astype("<u2").tobytes(),
+                  json.dumps({k: json.dumps(v) for k, v in states.items()}), len(events), *flat],
+        )
+        return bool(ok)
+
+    def release(self, lease: Lease) -> bool:
+        """Give the lease back if the work list is empty; False: more work arrived, keep draining."""
+        done = self._release(
+            keys=[self._keys("lease", lease.site, lease.device), self._keys("work", lease.site, lease.device),
+                  self.key("active")],
+            args=[lease.token, self.lease_ms, f"{lease.site}/{lease.device}"],
+        )
+        return done != 0  # -1: lost the lease (expired): nothing more to do either
+
+    def active_devices(self) -> list[tuple[str, str]]:
+        """Devices with work waiting (for the sweeper)."""
+        return [tuple(m.decode().split("/", 1)) for m in self.r.smembers(self.key("active"))]

@@ -1,0 +1,85 @@
+"""The per-device ordered work queue in the real Redis: reorder, drop duplicates, give up gaps,
+and hand a device over safely when the replica processing it dies."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from cloud.device_log import DeviceLog, WorkItem
+from cloud.store import CloudStore
+
+SITE, DEVICE = "logtest", "d1"
+
+
+@pytest.fixture
+def log(redis_url, redis_prefix, redis_client) -> DeviceLog:
+    store = CloudStore(redis_url, redis_prefix)
+    return DeviceLog(store.r, store.key, events_maxlen=100, reorder_window_ms=1000, max_pending=5, lease_ms=300)
+
+
+def _item(seq: int) -> WorkItem:
+    return WorkItem(seq, 1_000 + seq, 0, np.full(4, seq, dtype=np.uint16))
+
+
+def _ready(log: DeviceLog) -> list[int]:
+    lease = log.lease(SITE, DEVICE)
+    items, _, _ = log.peek(lease, 100)
+    log.r.delete(log.key("lease", SITE, DEVICE))
+    return [i.seq for i in items]
+
+
+def test_late_frames_are_put_back_in_order_and_duplicates_dropped(log):
+    assert log.accept(SITE, DEVICE, _item(0), now_ms=0).released == 1
+    assert log.accept(SITE, DEVICE, _item(2), now_ms=10).released == 0  # 1 is missing: parked
+    assert log.accept(SITE, DEVICE, _item(2), now_ms=20).new is False  # parked already: duplicate
+    assert log.accept(SITE, DEVICE, _item(1), now_ms=30).released == 2  # fills the gap: 1 and 2 go
+    assert log.accept(SITE, DEVICE, _item(1), now_ms=40).new is False  # accepted already: duplicate
+    assert _ready(log) == [0, 1, 2]
+
+
+def test_a_gap_not_filled_within_the_window_is_counted_lost_and_the_stream_goes_on(log):
+    log.accept(SITE, DEVICE, _item(0), now_ms=0)
+    log.accept(SITE, DEVICE, _item(3), now_ms=100)
+    assert log.accept(SITE, DEVICE, _item(4), now_ms=500).released == 0  # still within 1 s
+    late = log.accept(SITE, DEVICE, _item(5), now_ms=1200)
+    assert late.released == 3 and late.lost == 2  # seqs 1 and 2 never came
+    assert _ready(log) == [0, 3, 4, 5]
+    assert log.accept(SITE, DEVICE, _item(1), now_ms=1300).new is False  # too late now
+
+
+def test_too_many_parked_frames_give_up_the_gap_before_the_window(log):
+    log.accept(SITE, DEVICE, _item(0), now_ms=0)
+    for seq in range(2, 7):
+        assert log.accept(SITE, DEVICE, _item(seq), now_ms=1).released == 0
+    burst = log.accept(SITE, DEVICE, _item(7), now_ms=2)  # 6 parked > max_pending 5
+    assert burst.lost == 1 and burst.released == 6
+
+
+def test_only_the_lease_holder_commits_and_a_dead_holders_item_is_redone(log):
+    log.accept(SITE, DEVICE, _item(0), now_ms=0)
+    first = log.lease(SITE, DEVICE)
+    assert first is not None and log.lease(SITE, DEVICE) is None  # one holder at a time
+    (item,), context, states = log.peek(first, 8)
+    time.sleep(0.4)  # the holder "dies" mid-item: its lease expires
+    second = log.lease(SITE, DEVICE)
+    assert second is not None
+    assert log.commit(first, item.seq, item.codes, {}, []) is False  # the late holder is fenced off
+    (again,), _, _ = log.peek(second, 8)
+    assert again.seq == 0  # the item was not lost
+    assert log.commit(second, again.seq, again.codes, {"siren": {"active": False}}, [])
+    assert log.release(second)
+    assert _ready(log) == [] and log.active_devices() == []
+    assert log.r.hget(log.key("dev", SITE, DEVICE), "processed") == b"1"
+
+
+def test_release_keeps_the_lease_while_work_arrived_meanwhile(log):
+    log.accept(SITE, DEVICE, _item(0), now_ms=0)
+    lease = log.lease(SITE, DEVICE)
+    (item,), _, _ = log.peek(lease, 8)
+    log.accept(SITE, DEVICE, _item(1), now_ms=1)  # pushed by another replica while we work
+    assert log.commit(lease, item.seq, item.codes, {}, [])
+    assert log.release(lease) is False  # not empty: keep draining, nothing is stranded
+    assert [i.seq for i in log.peek(lease, 8)[0]] == [1]
