@@ -189,7 +189,7 @@ class Ingest:
         return self.queues[zlib.crc32(f"{site}/{device}".encode()) % len(self.queues)]
 
     def _handle(self, item: Inbound) -> None:
-        self.store.count("received")
+        self.store.count("received", f"received_by:{self.replica}")
         try:
             site, device, kind = parse_device_topic(item.topic)
             if kind == "status":
@@ -212,7 +212,7 @@ class Ingest:
             return self.store.count("duplicates")
         self.store.count("accepted")
         if accepted.lost:
-            self.store.count("lost", accepted.lost)
+            self.store.count("lost", n=accepted.lost)
             log.warning("%s/%s: %d messages never arrived within the reorder window", site, device, accepted.lost)
         if accepted.released:
             self._drain(site, device)

@@ -95,8 +95,15 @@ class CloudStore:
         )
         self.count(f"rejected:{reason}")
 
-    def count(self, name: str, n: int = 1) -> None:
-        self.r.hincrby(self.key("metrics"), name, n)
+    def count(self, *names: str, n: int = 1) -> None:
+        """Add ``n`` to each counter named (one round trip)."""
+        if len(names) == 1:
+            self.r.hincrby(self.key("metrics"), names[0], n)
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.hincrby(self.key("metrics"), name, n)
+        pipe.execute()
 
     def observe(self, name: str, values: list[float]) -> None:
         """Add observations to histogram ``name`` (shared by every replica, as Redis is) and to
