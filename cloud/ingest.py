@@ -34,6 +34,7 @@ from ray import serve
 
 from cloud import events as event_logic
 from cloud.device_log import DeviceLog, Lease, WorkItem
+from cloud.homeassistant import DiscoveryPublisher
 from cloud.store import CloudStore
 from shared_models import bundle
 from shared_models.constants import FRAME_DURATION_NS
@@ -109,7 +110,10 @@ class Ingest:
         self.window = self.manifest["classifier_config"]["window_frames"]
         self.context = self.manifest["code_lm_config"]["context_frames"]
         self.policies = label_policies(config, self.manifest)
+        self.discovery = (DiscoveryPublisher(self.manifest["labels"], prefix=config.ha_discovery_prefix)
+                          if config.ha_discovery_prefix else None)
         self.replica = uuid.uuid4().hex[:8]
+        self.client: mqtt.Client | None = None
         self.connected = threading.Event()
         per_worker = max(1, config.ingest_queue // config.ingest_workers)
         self.queues = [queue.Queue(maxsize=per_worker) for _ in range(config.ingest_workers)]
@@ -120,7 +124,7 @@ class Ingest:
         for w in self.workers:
             w.start()
         threading.Thread(target=self._sweep, name="ingest-sweeper", daemon=True).start()
-        self.client = self._connect()
+        self._connect()
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         """Plain subscriptions for one replica (every broker, retained statuses included);
@@ -133,6 +137,7 @@ class Ingest:
     # --- MQTT ----------------------------------------------------------------
     def _connect(self) -> mqtt.Client:
         client, endpoint = mqtt_client(self.config.broker_url, f"sf-ingest-{self.replica}")
+        self.client = client  # before any message: workers publish events and discovery with it
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *a: self.connected.clear()
         client.on_message = self._on_message
@@ -275,6 +280,8 @@ class Ingest:
         # so the device keeps its last known versions, spool depth, CPU and memory
         fields = status.to_dict() if status.state == "online" else {"state": status.state, "t_ns": status.t_ns}
         self.store.set_status(site, device, fields)
+        if self.discovery is not None:  # Home Assistant: one event entity per device, on first sight
+            self.discovery.on_status(self.client, site, device, status)
         if status.state == "offline":
             self._close_events(site, device)
 
