@@ -20,6 +20,7 @@ list until it is committed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -82,18 +83,38 @@ def context_codes(message: FramesMessage, silence_code: int) -> np.ndarray:
     return np.where(message.silent, silence_code, message.codes).astype(np.uint16)  # (N,)
 
 
-def label_policies(config: CloudConfig, manifest: dict) -> dict[str, event_logic.EventPolicy]:
-    """One policy per label of the bundle: its calibrated threshold unless the config sets one for all."""
+EVENT_KNOBS = ("on_threshold", "off_threshold", "min_windows", "hold_windows", "cooldown_s")
+
+
+def label_policies(config: CloudConfig, manifest: dict, live: dict | None = None) -> dict[str, event_logic.EventPolicy]:
+    """One policy per label of the bundle.
+
+    Precedence: the bundle's calibrated per-label thresholds, then the config's, then ``live``
+    (the deployment's Serve ``user_config``, changeable at runtime), whose ``on_threshold`` may
+    be one number or ``{label: number}``. Unknown knobs or labels are a ValueError."""
+    live = dict(live or {})
+    unknown = sorted(set(live) - set(EVENT_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown event-logic settings {unknown}; known: {', '.join(EVENT_KNOBS)}")
+    live_on = live.get("on_threshold")
+    if isinstance(live_on, dict) and (bad := sorted(set(live_on) - set(manifest["labels"]))):
+        raise ValueError(f"on_threshold for unknown labels {bad}; the bundle's labels: {manifest['labels']}")
     policies = {}
     for label in manifest["labels"]:
         on = config.on_threshold if config.on_threshold is not None else manifest.get("thresholds", {}).get(label, 0.5)
-        policies[label] = event_logic.EventPolicy(
-            on_threshold=on,
-            off_threshold=min(config.off_threshold, on),
-            min_windows=config.min_windows,
-            hold_windows=config.hold_windows,
-            cooldown_ns=int(config.cooldown_s * 1e9),
+        if live_on is not None:
+            on = live_on.get(label, on) if isinstance(live_on, dict) else live_on
+        off = live.get("off_threshold", config.off_threshold)
+        policy = event_logic.EventPolicy(
+            on_threshold=float(on),
+            off_threshold=min(float(off), float(on)),
+            min_windows=int(live.get("min_windows", config.min_windows)),
+            hold_windows=int(live.get("hold_windows", config.hold_windows)),
+            cooldown_ns=int(float(live.get("cooldown_s", config.cooldown_s)) * 1e9),
         )
+        if not 0 < policy.off_threshold <= policy.on_threshold < 1 or policy.min_windows < 1 or policy.hold_windows < 0:
+            raise ValueError(f"bad event-logic settings for {label}: {policy}")
+        policies[label] = policy
     return policies
 
 
@@ -331,6 +352,17 @@ class Ingest:
         for event in events:
             self.client.publish(events_topic(event.site, event.device), event.to_bytes(), qos=1)
             log.info("event %s on %s/%s score %.2f", event.label, event.site, event.device, event.score)
+
+    # --- runtime settings -------------------------------------------------------------
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this with the deployment's ``user_config`` at start and whenever it changes
+        (``serve deploy`` / ``serve.run`` with a new one), without restarting the replica: the
+        event-logic thresholds. A bad one raises, and Serve keeps the replica on the old one."""
+        self.policies = label_policies(self.config, self.manifest, user_config)
+        log.info("ingest replica %s: event logic now %s", self.replica, user_config or "from the bundle and config")
+
+    def event_policies(self) -> dict[str, dict]:
+        return {label: dataclasses.asdict(p) for label, p in self.policies.items()}
 
     # --- health ------------------------------------------------------------------
     def stats(self) -> dict:

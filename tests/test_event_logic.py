@@ -62,3 +62,25 @@ def test_close_flushes_an_active_event_and_state_round_trips():
     event = close(restored, EventPolicy())
     assert event is not None and (event.start_ns, event.end_ns) == (1 * S, 2 * S)
     assert close(restored, EventPolicy()) is None
+
+
+def test_live_user_config_overrides_thresholds_per_label_and_rejects_unknowns():
+    import pytest
+
+    from cloud.ingest import label_policies
+    from shared_models import bundle
+    from soundfleet.config import CloudConfig
+
+    manifest = bundle.load_manifest(bundle.default_bundle_dir())
+    base = label_policies(CloudConfig(), manifest)
+    assert base["siren"].on_threshold == pytest.approx(manifest["thresholds"]["siren"])
+    live = label_policies(CloudConfig(), manifest, {"on_threshold": {"siren": 0.9}, "cooldown_s": 5})
+    assert live["siren"].on_threshold == 0.9 and live["siren"].cooldown_ns == 5_000_000_000
+    assert live["doorbell"].on_threshold == base["doorbell"].on_threshold  # only the label named
+    assert label_policies(CloudConfig(), manifest, {"on_threshold": 0.7})["knock"].on_threshold == 0.7
+    with pytest.raises(ValueError, match="unknown event-logic settings"):
+        label_policies(CloudConfig(), manifest, {"on_treshold": 0.7})
+    with pytest.raises(ValueError, match="unknown labels"):
+        label_policies(CloudConfig(), manifest, {"on_threshold": {"sirens": 0.7}})
+    with pytest.raises(ValueError, match="bad event-logic settings"):
+        label_policies(CloudConfig(), manifest, {"on_threshold": 1.5})
