@@ -34,6 +34,7 @@ import paho.mqtt.client as mqtt
 from ray import serve
 
 from cloud import events as event_logic
+from cloud.archive import ArchiveWriter
 from cloud.device_log import DeviceLog, Lease, WorkItem
 from cloud.homeassistant import DiscoveryPublisher
 from cloud.store import CloudStore
@@ -133,6 +134,8 @@ class Ingest:
         self.policies = label_policies(config, self.manifest)
         self.discovery = (DiscoveryPublisher(self.manifest["labels"], prefix=config.ha_discovery_prefix)
                           if config.ha_discovery_prefix else None)
+        self.archive = ArchiveWriter(self.store, config.archive_sites, self.manifest["codebook_id"],
+                                     config.archive_maxlen)
         self.replica = uuid.uuid4().hex[:8]
         self.client: mqtt.Client | None = None
         self.connected = threading.Event()
@@ -279,6 +282,8 @@ class Ingest:
             return None
         self.store.count(f"processed_by:{self.replica}")
         self._publish(events)
+        if self.archive.wants(lease.site):  # after the commit: a crash here misses it in the archive only
+            self.archive.append(lease.site, lease.device, work)
         if len(context) >= self.window:
             # ingest-to-classification latency, from the capture time of the window's last sample
             self.store.observe("latency_ms", [(time.time_ns() - work.t_end_ns) / 1e6])

@@ -105,6 +105,8 @@ class CloudConfig:
     ingest_share_group: str = field(default="soundfleet-ingest", metadata={"doc": "MQTT shared subscription group of the ingest replicas (used when ingest_replicas > 1)"})
     reorder_window_s: float = field(default=2.0, metadata={"doc": "how long a device's late frame is waited for before the gap is counted as lost and the stream goes on"})
     max_pending: int = field(default=30, metadata={"doc": "frames messages parked behind a gap per device before the gap is given up"})
+    archive_sites: str = field(default="", metadata={"doc": "fleet archive, opt-in: comma-separated sites whose code sequences are kept as training data ('*' = all, empty = none)"})
+    archive_maxlen: int = field(default=1_000_000, metadata={"doc": "archive stream bound in messages (about 120 MB of codes-only); roll it to Parquet with `soundfleet fleet archive`"})
     ha_discovery_prefix: str = field(default="homeassistant", metadata={"doc": "Home Assistant MQTT discovery prefix: an event entity per device is announced there (empty = off)"})
     ingest_workers: int = field(default=4, metadata={"doc": "threads processing frames in the ingest replica (devices are pinned to one)"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})

@@ -41,7 +41,7 @@ def shared_app(cloud_app, mqtt_url, redis_url):
 
     config = CloudConfig(broker_url=mqtt_url, redis_url=redis_url, ingest_replicas=2,
                          ingest_share_group=f"test-{uuid.uuid4().hex[:6]}",
-                         key_prefix=f"test:shared:{uuid.uuid4().hex[:8]}:")
+                         key_prefix=f"test:shared:{uuid.uuid4().hex[:8]}:", archive_sites="*")
     serve.run(build_app(config), name="sf-shared", route_prefix="/shared")
     store = CloudStore(redis_url, config.key_prefix)
     yield config, store
@@ -52,7 +52,7 @@ def shared_app(cloud_app, mqtt_url, redis_url):
 
 
 @pytest.mark.slow
-def test_two_replicas_process_each_frame_once_in_device_order(shared_app, mqtt_client_factory):
+def test_two_replicas_process_each_frame_once_in_device_order(shared_app, mqtt_client_factory, tmp_path):
     config, store = shared_app
     codebook_id = bundle.load_manifest(bundle.default_bundle_dir())["codebook_id"]
     site = f"shared{uuid.uuid4().hex[:4]}"
@@ -87,6 +87,18 @@ def test_two_replicas_process_each_frame_once_in_device_order(shared_app, mqtt_c
         context = np.frombuffer(store.r.get(store.key("ctx", site, f"dev{d}")), "<u2")
         np.testing.assert_array_equal(context, expected)  # each frame once, in seq order
         assert int(store.r.hget(dev, "lost") or 0) == 0
+    # the fleet archive (opt-in, here for every site) rolls into the Parquet layout training reads
+    from cloud.archive import roll_archive
+    from training.fleet_archive import read_fleet_archive
+
+    assert roll_archive(store, tmp_path) == DEVICES * MESSAGES
+    sequences = [s for s in read_fleet_archive(tmp_path, codebook_id=codebook_id) if s.site == site]
+    assert sorted(s.device for s in sequences) == [f"dev{d}" for d in range(DEVICES)]
+    for sequence in sequences:  # one unbroken sequence per device, every code once, in order
+        assert sequence.seq_first == 0
+        np.testing.assert_array_equal(sequence.codes, expected)
+    assert store.r.xlen(store.key("archive")) == 0  # rolled means trimmed
+
     metrics = store.metrics()
     assert metrics.get("duplicates", 0) >= duplicates  # the repeats, plus any redelivery
     received = {k: v for k, v in metrics.items() if k.startswith("received_by:")}
