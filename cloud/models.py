@@ -2,18 +2,22 @@
 
 Replicas hold only weights: the per-device context arrives with each request
 (it lives in Redis), so any replica can serve any device and a restarted
-replica loses nothing.
+replica loses nothing. Each batch's size goes to the Redis histogram
+``batch_size_<model>`` (one pipelined round trip per batch), exported by ``/metrics``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
+import redis
 import torch
 from ray import serve
 
+from cloud.store import CloudStore
 from shared_models.detector import classify_windows, lm_window_states, load_cloud_models
 
 log = logging.getLogger(__name__)
@@ -23,12 +27,35 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class BatchSizes:
+    """Records batch sizes in a Redis histogram. A Redis error is logged, never raised into
+    inference, and pauses recording for ``PAUSE_S`` so a dead Redis costs one timeout a minute."""
+
+    PAUSE_S = 60.0
+
+    def __init__(self, name: str, redis_url: str, key_prefix: str):
+        self.name = name
+        self.store = CloudStore(redis_url, key_prefix) if redis_url else None
+        self._paused_until = 0.0
+
+    def record(self, size: int) -> None:
+        if self.store is None or time.monotonic() < self._paused_until:
+            return
+        try:
+            self.store.observe(self.name, [size])
+        except redis.RedisError as exc:
+            log.warning("cannot record %s in Redis (paused %.0f s): %s", self.name, self.PAUSE_S, exc)
+            self._paused_until = time.monotonic() + self.PAUSE_S
+
+
 @serve.deployment
 class CodeLM:
     """S2 code Transformer: hidden states of the latest window of each device's context."""
 
-    def __init__(self, bundle_dir: str, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, bundle_dir: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 redis_url: str = "", key_prefix: str = "sf:"):
         torch.set_num_threads(1)
+        self.batch_sizes = BatchSizes("batch_size_code_lm", redis_url, key_prefix)
         manifest, code_lm, _, _ = load_cloud_models(Path(bundle_dir))
         self.device = _device()
         self.code_lm = code_lm.to(self.device)
@@ -40,6 +67,7 @@ class CodeLM:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def states(self, contexts: list[np.ndarray]) -> list[np.ndarray]:
         """contexts: (T_i,) uint16 codes -> (W, C) float32 states each."""
+        self.batch_sizes.record(len(contexts))
         tensors = [torch.as_tensor(c.astype(np.int64), device=self.device) for c in contexts]
         return list(lm_window_states(self.code_lm, tensors, self.window).cpu().numpy())
 
@@ -48,8 +76,10 @@ class CodeLM:
 class Classifier:
     """Scene/event classifier: one probability per label for each window."""
 
-    def __init__(self, bundle_dir: str, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, bundle_dir: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 redis_url: str = "", key_prefix: str = "sf:"):
         torch.set_num_threads(1)
+        self.batch_sizes = BatchSizes("batch_size_classifier", redis_url, key_prefix)
         manifest, _, classifier, centroids = load_cloud_models(Path(bundle_dir))
         self.device = _device()
         self.classifier = classifier.to(self.device)
@@ -61,6 +91,7 @@ class Classifier:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def probs(self, states: list[np.ndarray], codes: list[np.ndarray]) -> list[np.ndarray]:
         """(W, C) states and (W,) codes per window -> (L,) probabilities."""
+        self.batch_sizes.record(len(states))
         s = torch.as_tensor(np.stack(states), device=self.device)  # (B, W, C)
         c = torch.as_tensor(np.stack(codes).astype(np.int64), device=self.device)  # (B, W)
         return list(classify_windows(self.classifier, self.centroids, s, c).cpu().numpy())
