@@ -251,19 +251,33 @@ def _gpu_options() -> dict:
     return {"num_gpus": 0.5 if has_gpu else 0, "num_cpus": 0.5}
 
 
-def build_app(config: CloudConfig):
+def _model_scaling(config: CloudConfig) -> dict:
+    """A fixed replica, or Serve autoscaling between 1 and ``model_max_replicas`` replicas, aiming
+    at about one full batch waiting per replica."""
+    if config.model_max_replicas <= 1:
+        return {"num_replicas": 1}
+    return {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 1,
+                                   "max_replicas": config.model_max_replicas,
+                                   "target_ongoing_requests": config.max_batch_size}}
+
+
+def build_app(config: CloudConfig, event_settings: dict | None = None):
     """Compose the application; models get half a GPU each when Ray has one.
 
     The models may hold twice a batch of requests, so a full batch can form while the
-    previous one runs (Serve's default of 5 would cap every batch at 5)."""
+    previous one runs (Serve's default of 5 would cap every batch at 5). ``event_settings``
+    is the ingest's Serve ``user_config`` (event-logic knobs, see `cloud.ingest.EVENT_KNOBS`).
+    Changing only it in the config of `serve deploy` (infra/serve.yaml) is a lightweight update:
+    Serve calls ``Ingest.reconfigure`` on the running replicas instead of replacing them."""
     bundle_dir = str(Path(config.bundle_dir) if config.bundle_dir else bundle.default_bundle_dir())
     bundle.verify_bundle(Path(bundle_dir))
     model_args = (bundle_dir, config.max_batch_size, config.batch_wait_timeout_s, config.redis_url, config.key_prefix)
-    model_options = {"ray_actor_options": _gpu_options(), "max_ongoing_requests": 2 * config.max_batch_size}
+    model_options = {"ray_actor_options": _gpu_options(), "max_ongoing_requests": 2 * config.max_batch_size,
+                     **_model_scaling(config)}
     code_lm = CodeLM.options(**model_options).bind(*model_args)
     classifier = Classifier.options(**model_options).bind(*model_args)
-    ingest = Ingest.options(num_replicas=config.ingest_replicas, ray_actor_options={"num_cpus": 0.5}).bind(
-        config, bundle_dir, code_lm, classifier)
+    ingest = Ingest.options(num_replicas=config.ingest_replicas, ray_actor_options={"num_cpus": 0.5},
+                            user_config=event_settings or {}).bind(config, bundle_dir, code_lm, classifier)
     return Api.options(ray_actor_options={"num_cpus": 0.25}).bind(config, bundle_dir, ingest, code_lm, classifier)
 
 

@@ -110,6 +110,7 @@ class CloudConfig:
     ha_discovery_prefix: str = field(default="homeassistant", metadata={"doc": "Home Assistant MQTT discovery prefix: an event entity per device is announced there (empty = off)"})
     ingest_workers: int = field(default=4, metadata={"doc": "threads processing frames in the ingest replica (devices are pinned to one)"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
+    model_max_replicas: int = field(default=1, metadata={"doc": "replicas per model deployment: 1 = fixed; more = Serve autoscaling between 1 and this (on GPUs or many cores)"})
     max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: largest batch per model call"})
     batch_wait_timeout_s: float = field(default=0.01, metadata={"doc": "Serve dynamic batching: longest wait to fill a batch, in seconds"})
 
@@ -118,8 +119,8 @@ class CloudConfig:
             raise ConfigError("cloud.off_threshold must be within (0, 1)")
         if self.on_threshold is not None and not self.off_threshold <= self.on_threshold < 1.0:
             raise ConfigError("cloud thresholds need 0 < off_threshold <= on_threshold < 1")
-        if self.ingest_replicas < 1 or self.max_pending < 1 or self.reorder_window_s < 0:
-            raise ConfigError("cloud.ingest_replicas and max_pending must be >= 1, reorder_window_s >= 0")
+        if self.ingest_replicas < 1 or self.model_max_replicas < 1 or self.max_pending < 1 or self.reorder_window_s < 0:
+            raise ConfigError("cloud.ingest_replicas, model_max_replicas and max_pending must be >= 1, reorder_window_s >= 0")
         if self.min_windows < 1 or self.ingest_workers < 1 or self.ingest_queue < 1:
             raise ConfigError("cloud.min_windows, ingest_workers and ingest_queue must be >= 1")
 

@@ -143,3 +143,25 @@ def test_killing_a_model_replica_mid_stream_loses_no_frames(shared_app, mqtt_cli
     # the only CodeLM replica died after 20 messages, so the windows after it were classified by
     # the one Serve started in its place (a call that was in flight is retried: "model_retries")
     assert _replica_actors("sf-shared", "CodeLM") not in ([], [victim])
+
+
+@pytest.mark.slow
+def test_event_thresholds_change_live_through_reconfigure_without_a_restart(cloud_app):
+    """`serve deploy` with a changed user_config calls Ingest.reconfigure on the running replica
+    (Serve's lightweight update); this drives that method on the session app's one replica."""
+    from ray import serve
+
+    ingest = serve.get_deployment_handle("Ingest", app_name="soundfleet")
+    replica = ingest.stats.remote().result()["replica"]
+    before = ingest.event_policies.remote().result()
+    try:
+        ingest.reconfigure.remote({"on_threshold": {"siren": 0.95}}).result()
+        after = ingest.event_policies.remote().result()
+        assert after["siren"]["on_threshold"] == 0.95 and after["doorbell"] == before["doorbell"]
+        with pytest.raises(Exception, match="unknown event-logic settings"):
+            ingest.reconfigure.remote({"on_treshold": 0.9}).result()
+        assert ingest.event_policies.remote().result() == after  # a bad setting changes nothing
+        assert ingest.stats.remote().result()["replica"] == replica  # the same replica throughout
+    finally:
+        ingest.reconfigure.remote({}).result()
+    assert ingest.event_policies.remote().result() == before
