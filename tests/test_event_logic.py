@@ -84,3 +84,20 @@ def test_live_user_config_overrides_thresholds_per_label_and_rejects_unknowns():
         label_policies(CloudConfig(), manifest, {"on_threshold": {"sirens": 0.7}})
     with pytest.raises(ValueError, match="bad event-logic settings"):
         label_policies(CloudConfig(), manifest, {"on_threshold": 1.5})
+
+
+def test_serve_yaml_args_and_live_event_settings_are_valid():
+    from pathlib import Path
+
+    import yaml
+
+    from cloud.ingest import label_policies
+    from shared_models import bundle
+    from soundfleet.config import CloudConfig
+
+    app = yaml.safe_load((Path(__file__).parents[1] / "infra" / "serve.yaml").read_text())["applications"][0]
+    config = CloudConfig(**app["args"])  # every arg is a CloudConfig field
+    config.validate()
+    (ingest,) = [d for d in app["deployments"] if d["name"] == "Ingest"]
+    policies = label_policies(config, bundle.load_manifest(bundle.default_bundle_dir()), ingest["user_config"])
+    assert policies["siren"].on_threshold == ingest["user_config"]["on_threshold"]["siren"]
