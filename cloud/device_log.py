@@ -94,12 +94,13 @@ if seq >= 0 then
   redis.call('HINCRBY', dev, 'frames', (#head - 20) / 2)
   redis.call('HSET', dev, 'processed_seq', seq)
   redis.call('HINCRBY', metrics, 'processed', 1)
+  if ARGV[8] ~= '' then redis.call('HINCRBY', metrics, 'processed_by:' .. ARGV[8], 1) end
 end
 local states = cjson.decode(ARGV[6])
 for label, state in pairs(states) do redis.call('HSET', evstate, label, state) end
 local n_events = tonumber(ARGV[7])
 for i = 0, n_events - 1 do
-  local base = 8 + i * 4
+  local base = 9 + i * 4
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'site', ARGV[base], 'device', ARGV[base + 1],
              'label', ARGV[base + 2], 'json', ARGV[base + 3])
 end
@@ -187,10 +188,11 @@ class DeviceLog:
         return items, context, {k.decode(): json.loads(v) for k, v in states.items()}
 
     def commit(self, lease: Lease, seq: int | None, context: np.ndarray | None, states: dict[str, dict],
-               events: list[tuple[str, str, str, bytes]]) -> bool:
+               events: list[tuple[str, str, str, bytes]], replica: str = "") -> bool:
         """Pop item ``seq`` (None: no item, e.g. closing events on offline), store the context and
-        the event state, append ``events`` (site, device, label, json): all or nothing. False if
-        the lease was lost (another replica took over): the caller must stop."""
+        the event state, append ``events`` (site, device, label, json), count it as processed (and
+        by ``replica``, if named): all or nothing. False if the lease was lost (another replica
+        took over): the caller must stop."""
         s, d = lease.site, lease.device
         flat: list[object] = []
         for event in events:
@@ -200,7 +202,7 @@ class DeviceLog:
                   self._keys("evstate", s, d), self.key("events"), self.key("metrics"), self._keys("dev", s, d)],
             args=[lease.token, -1 if seq is None else seq, self.lease_ms, self.events_maxlen,
                   b"" if context is None else context.astype("<u2").tobytes(),
-                  json.dumps({k: json.dumps(v) for k, v in states.items()}), len(events), *flat],
+                  json.dumps({k: json.dumps(v) for k, v in states.items()}), len(events), replica, *flat],
         )
         return bool(ok)
 

@@ -276,11 +276,11 @@ class Ingest:
                 if closed:
                     events.append(self._event(lease.site, lease.device, label, closed))
             states = {label: s.to_dict() for label, s in label_states.items()}
-        if not self.log.commit(lease, work.seq, context, states, [self._event_fields(e) for e in events]):
+        if not self.log.commit(lease, work.seq, context, states, [self._event_fields(e) for e in events],
+                               replica=self.replica):
             log.warning("%s/%s: lost the lease before seq %d was committed; another replica redoes it",
                         lease.site, lease.device, work.seq)
             return None
-        self.store.count(f"processed_by:{self.replica}")
         self._publish(events)
         if self.archive.wants(lease.site):  # after the commit: a crash here misses it in the archive only
             self.archive.append(lease.site, lease.device, work)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import importlib.util
 import os
+import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,10 +33,12 @@ from soundfleet.services import (
     ensure_broker,
     ensure_redis,
     find_server_binary,
+    free_port,
     parse_mqtt_url,
     probe_mqtt,
     probe_redis,
     redact_url,
+    wait_for_port,
 )
 
 MQTT_URL_ENV = "SOUNDFLEET_TEST_MQTT_URL"
@@ -249,3 +254,52 @@ def clear_retained(mqtt_client_factory) -> Iterator[Callable[[str], None]]:
         client = mqtt_client_factory()
         for topic in topics:
             client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+
+
+# --- a broker a test can take away and bring back ---------------------------------------------
+class OwnMosquitto:
+    """A mosquitto on a free port that a test can stop and start again on the same port with the
+    same persistence, so persistent sessions and their queues survive the outage."""
+
+    def __init__(self, workdir: Path, binary: str):
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = workdir
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"user {getpass.getuser()}\n"  # keep our user: root would drop to 'mosquitto' and not write
+            f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
+            f"max_queued_messages 100000\n"
+        )
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.workdir / "mosquitto.log", "ab") as log:
+            self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, 10, alive=lambda: self.process.poll() is None)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: mosquitto saves its sessions and queues
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path) -> Iterator[OwnMosquitto]:
+    """A started `OwnMosquitto`; skips where there is no mosquitto binary."""
+    binary = find_server_binary("mosquitto")
+    if binary is None:
+        pytest.skip("needs the mosquitto binary to take a broker away and bring it back")
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = OwnMosquitto(workdir, binary)
+    broker.start()
+    yield broker
+    broker.stop()

@@ -8,7 +8,6 @@ test needs no broker while the agent is offline and the session's broker after.
 
 from __future__ import annotations
 
-import getpass
 import os
 import signal
 import subprocess
@@ -21,53 +20,11 @@ from pathlib import Path
 import pytest
 
 from shared_models import wire
-from soundfleet.services import find_server_binary, free_port, wait_for_port
+from soundfleet.services import free_port
 
 SITE = "delivery"
 FRAMES_PER_MESSAGE = 8  # 0.2 s per message: many messages in a short test
 OUTAGE_S = 30.0
-
-
-class OwnMosquitto:
-    """A mosquitto the test can stop and start again on the same port with the same persistence."""
-
-    def __init__(self, workdir: Path):
-        self.binary = find_server_binary("mosquitto")
-        self.port = free_port()
-        self.workdir = workdir
-        self.config = workdir / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"  # keep our user: root would drop to 'mosquitto'
-            f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
-            f"max_queued_messages 100000\n"
-        )
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = open(self.workdir / "mosquitto.log", "ab")
-        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", self.port, 10, alive=lambda: self.process.poll() is None)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: mosquitto saves its sessions and queues
-            self.process.wait(10)
-        self.process = None
-
-
-@pytest.fixture
-def own_mosquitto(tmp_path):
-    if find_server_binary("mosquitto") is None:
-        pytest.skip("needs the mosquitto binary to take a broker away and bring it back")
-    broker = OwnMosquitto(tmp_path)
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 class Collector:

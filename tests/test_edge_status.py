@@ -7,7 +7,6 @@ keeps its queue across the broker's restart) that it stops and starts again.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import signal
@@ -27,7 +26,6 @@ from edge.encoder import EdgeEncoder
 from edge.sources import file_source
 from shared_models import bundle, wire
 from shared_models.constants import PATCH_SAMPLES
-from soundfleet.services import find_server_binary, free_port, wait_for_port
 
 FIXTURE = Path(__file__).parent / "fixtures" / "quiet_room.wav"
 FIXTURE_MESSAGES = 4  # 4 s, one 40-frame message per second
@@ -137,50 +135,6 @@ def test_last_will_says_offline_with_unknown_time(mqtt_url, mqtt_client_factory,
 
 
 # --- spool depth across a broker outage -----------------------------------------------------
-class OwnMosquitto:
-    """A plain mosquitto on a free port that the test can stop and start again with its sessions."""
-
-    def __init__(self, workdir: Path, binary: str):
-        self.binary = binary
-        self.port = free_port()
-        self.workdir = workdir
-        self.config = workdir / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"  # root would drop to 'mosquitto'
-            f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
-        )
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with open(self.workdir / "mosquitto.log", "ab") as log:
-            self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", self.port, 10, alive=lambda: self.process.poll() is None)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: mosquitto saves its sessions and queues
-            self.process.wait(10)
-        self.process = None
-
-
-@pytest.fixture
-def own_mosquitto(tmp_path):
-    binary = find_server_binary("mosquitto")
-    if binary is None:
-        pytest.skip("needs the mosquitto binary to take a broker away and bring it back")
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    broker = OwnMosquitto(workdir, binary)
-    broker.start()
-    yield broker
-    broker.stop()
-
-
 OUTAGE_S = 5.0
 FRAMES_PER_MESSAGE = 8  # 0.2 s per message: 25 messages spooled during the outage
 
