@@ -264,17 +264,17 @@ def _model_scaling(config: CloudConfig) -> dict:
 def build_app(config: CloudConfig, event_settings: dict | None = None):
     """Compose the application; models get half a GPU each when Ray has one.
 
-    The models take as many requests at once as the ingest workers can send (at least two
-    batches), so a full batch can form while the previous one runs (Serve's default of 5 would
-    cap every batch at 5). ``event_settings``
+    The models take as many requests at once as the ingest workers can send (a large round goes
+    out in a few chunks) plus two full batches, so a batch can form while the previous one runs
+    (Serve's default of 5 would cap every batch at 5, and its router backs off at the cap).
+    ``event_settings``
     is the ingest's Serve ``user_config`` (event-logic knobs, see `cloud.ingest.EVENT_KNOBS`).
     Changing only it in the config of `serve deploy` (infra/serve.yaml) is a lightweight update:
     Serve calls ``Ingest.reconfigure`` on the running replicas instead of replacing them."""
     bundle_dir = str(Path(config.bundle_dir) if config.bundle_dir else bundle.default_bundle_dir())
     bundle.verify_bundle(Path(bundle_dir))
     model_args = (bundle_dir, config.max_batch_size, config.batch_wait_timeout_s, config.redis_url, config.key_prefix)
-    # every ingest worker may have a request in flight: never let Serve queue them behind a small cap
-    in_flight = max(2 * config.max_batch_size, config.ingest_workers * config.ingest_replicas)
+    in_flight = 2 * config.max_batch_size + 4 * config.ingest_workers * config.ingest_replicas
     model_options = {"ray_actor_options": _gpu_options(), "max_ongoing_requests": in_flight,
                      **_model_scaling(config)}
     code_lm = CodeLM.options(**model_options).bind(*model_args)

@@ -7,8 +7,9 @@ at real time; the benchmark waits (bounded) for the ingest to drain and reads ba
 what was accepted per device (``dev:{site}:{device}`` ``frames``), the counters and the
 ingest-to-classification latency samples (``samples:latency_ms``: ``now - t_end_ns`` when a
 message's window has been classified; the simulator sends each message at its ``t_end_ns``).
-The same is measured again with dynamic batching off (``max_batch_size=1``), redeployed
-under a new prefix. ``find_max`` first steps the fleet size up until a step fails.
+The same is measured again with batching off (the ingest's rounds of one message,
+``ingest_batch_size=1``, and Serve's ``max_batch_size=1``), redeployed under a new prefix.
+``find_max`` first steps the fleet size up until a step fails.
 """
 
 from __future__ import annotations
@@ -85,12 +86,12 @@ def run_cloud_bench(cloud: CloudConfig, settings: CloudBenchSettings) -> dict[st
         steps = []
         if settings.find_max:
             for n in sorted({s for s in settings.steps if s < settings.devices} | {settings.devices}):
-                steps.append(measure(cloud, settings, tracks, n, cloud.max_batch_size))
+                steps.append(measure(cloud, settings, tracks, n, batching=True))
                 if not steps[-1]["kept_up"]:
                     break
         batched = next((s for s in steps if s["devices"] == settings.devices), None)
-        batched = batched or measure(cloud, settings, tracks, settings.devices, cloud.max_batch_size)
-        unbatched = measure(cloud, settings, tracks, settings.devices, 1)
+        batched = batched or measure(cloud, settings, tracks, settings.devices, batching=True)
+        unbatched = measure(cloud, settings, tracks, settings.devices, batching=False)
     services = {"broker": broker_desc, "redis": redis_desc, "ray": ray_desc}
     return build_report(settings, cloud, batched, unbatched, steps, services, machine)
 
@@ -154,17 +155,19 @@ def _deploy(config: CloudConfig) -> None:
 
 
 def measure(cloud: CloudConfig, settings: CloudBenchSettings, tracks: Tracks, devices: int,
-            max_batch_size: int) -> dict[str, Any]:
-    """One fleet run against a freshly deployed app; its figures (see :func:`build_report`)."""
+            batching: bool) -> dict[str, Any]:
+    """One fleet run against a freshly deployed app, batching as configured or all off; its
+    figures (see :func:`build_report`)."""
     from cloud.store import CloudStore
     from soundfleet.services import free_port
 
     run_id = uuid.uuid4().hex[:8]
-    config = dataclasses.replace(cloud, key_prefix=f"sfbench:{run_id}:", max_batch_size=max_batch_size,
-                                 http_port=free_port())
+    config = dataclasses.replace(cloud, key_prefix=f"sfbench:{run_id}:", http_port=free_port())
+    if not batching:
+        config = dataclasses.replace(config, max_batch_size=1, ingest_batch_size=1)
     site = f"bench-{run_id}"
-    log.info("bench: deploying the app (max_batch_size %d) under Redis prefix %s", max_batch_size,
-             config.key_prefix)
+    log.info("bench: deploying the app (ingest_batch_size %d, max_batch_size %d) under Redis prefix %s",
+             config.ingest_batch_size, config.max_batch_size, config.key_prefix)
     t0 = time.monotonic()
     _deploy(config)
     deploy_s = time.monotonic() - t0
@@ -185,12 +188,13 @@ def measure(cloud: CloudConfig, settings: CloudBenchSettings, tracks: Tracks, de
     finally:
         _delete_app()
         _delete_keys(store)
-    figures.update(max_batch_size=max_batch_size, load_average_1m_after=round(os.getloadavg()[0], 2),
+    figures.update(ingest_batch_size=config.ingest_batch_size, max_batch_size=config.max_batch_size,
+                   load_average_1m_after=round(os.getloadavg()[0], 2),
                    site=site, key_prefix=config.key_prefix,
                    deploy_s=round(deploy_s, 1),
                    drain_s=round(drain_s, 1), drained=drained)
-    log.info("bench: %d devices, batch %d: p50 %.0f ms, p99 %.0f ms, %d frames lost, %d duplicated",
-             devices, max_batch_size, figures["p50_ms"] or -1, figures["p99_ms"] or -1,
+    log.info("bench: %d devices, batching %s: p50 %.0f ms, p99 %.0f ms, %d frames lost, %d duplicated",
+             devices, "on" if batching else "off", figures["p50_ms"] or -1, figures["p99_ms"] or -1,
              figures["frames_lost"], figures["frames_duplicated"])
     return figures
 
@@ -353,8 +357,8 @@ def build_report(settings: CloudBenchSettings, cloud: CloudConfig, batched: dict
         **main,
         "batched": batched,
         "unbatched": unbatched,
-        "batching": {"max_batch_size": cloud.max_batch_size, "batch_wait_timeout_s": cloud.batch_wait_timeout_s,
-                     "ingest_workers": cloud.ingest_workers},
+        "batching": {"ingest_batch_size": cloud.ingest_batch_size, "max_batch_size": cloud.max_batch_size,
+                     "batch_wait_timeout_s": cloud.batch_wait_timeout_s, "ingest_workers": cloud.ingest_workers},
         "find_max": [{k: s[k] for k in ("devices", "p50_ms", "p99_ms", "frames_lost", "frames_duplicated",
                                         "kept_up")} for s in steps] or None,
         "services": services,
@@ -382,7 +386,7 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [("streams kept up", f"{r['streams']}", f">= {t['streams']}", _yes(ok["streams"]))]
     for mode in ("batched", "unbatched"):
         m = r[mode]
-        tag = f"batch {m['max_batch_size']}"
+        tag = "batched" if mode == "batched" else "unbatched"
         rows += [
             (f"p50 / p99 latency, {tag}", f"{m['p50_ms']} / {m['p99_ms']} ms", f"p99 <= {t['p99_ms']} ms",
              _yes(ok["p99_ms"]) if mode == "batched" else ""),

@@ -47,8 +47,9 @@ MIN_CLIP_S = 1.0
 """Shortest clip: one classifier window."""
 MAX_CLIP_S = 600.0
 """Longest clip: 10 minutes."""
-MAX_WINDOWS_IN_FLIGHT = 32
-"""Windows of one clip queued at the models at once, so a long upload cannot crowd out live devices."""
+WINDOWS_PER_REQUEST = 64
+"""Windows of one clip per model request; the chunks go one after another, so a long upload
+never holds more than one request's worth of the models and cannot crowd out live devices."""
 AUDIO_CONTENT_TYPES = ("audio/", "application/octet-stream")
 """Raw bodies accepted: any ``audio/*`` type (``audio/wav``, ``audio/x-wav``, ``audio/flac``, ...)."""
 
@@ -199,14 +200,11 @@ class ClipClassifier:
         windows = clip_windows(encoded.codes, self.window, self.context)
         if not windows:
             raise ClipError(422, f"clip too short after conversion: {n_frames} frames < {self.window}")
-        limit = asyncio.Semaphore(MAX_WINDOWS_IN_FLIGHT)
-
-        async def probs(window: Window) -> np.ndarray:
-            async with limit:
-                states = self.code_lm.states.remote(window.context)
-                return await self.classifier.probs.remote(states, window.codes)
-
-        results = await asyncio.gather(*(probs(w) for w in windows))
+        results: list[np.ndarray] = []
+        for i in range(0, len(windows), WINDOWS_PER_REQUEST):
+            chunk = windows[i : i + WINDOWS_PER_REQUEST]
+            states = self.code_lm.states.remote([w.context for w in chunk])
+            results.extend(await self.classifier.probs.remote(states, np.stack([w.codes for w in chunk])))
         closed = clip_events(windows, results, self.labels, self.policies, self.window)
         events = [self._event(site, device, label, c) for label, c in closed]
         log.info("classified a %.1f s clip: %d windows, %d events", len(audio) / SAMPLE_RATE_HZ,
@@ -227,9 +225,9 @@ class ClipClassifier:
 
     async def probe(self) -> dict[str, bool | str]:
         """One tiny request to each model (readiness): True, or the error as text."""
-        codes = np.zeros(self.window, dtype=np.uint16)  # (W,)
-        states = np.zeros((self.window, self.lm_dim), dtype=np.float32)  # (W, C)
-        results = await asyncio.gather(self.code_lm.states.remote(codes),
+        codes = np.zeros((1, self.window), dtype=np.uint16)  # (1, W)
+        states = np.zeros((1, self.window, self.lm_dim), dtype=np.float32)  # (1, W, C)
+        results = await asyncio.gather(self.code_lm.states.remote(list(codes)),
                                        self.classifier.probs.remote(states, codes),
                                        return_exceptions=True)
         return {name: True if not isinstance(r, BaseException) else f"{type(r).__name__}: {r}"

@@ -14,9 +14,9 @@ twice, or out of order. Three atomic steps (Lua scripts) put them back in line:
 2. ``lease``: one replica at a time processes a device (``SET NX PX`` with a
    random token). The holder peeks at the head of the work list together with
    the device's context and event-logic state, runs the models, and
-3. ``commit``: only if it still holds the lease and the head is still the item
-   it processed: pop it, store the new context and event state, append the
-   events to the stream, count. A replica that dies mid-item commits nothing;
+3. ``commit``: only if it still holds the lease and the head is still the run
+   of items it processed: pop them, store the new context and event state,
+   append the events to the stream, count. A replica that dies mid-item commits nothing;
    its lease expires and the next replica re-processes the same item, so a
    frame is neither lost nor processed twice. ``release`` gives the lease back
    only if the work list is empty (else the holder keeps draining), so an item
@@ -27,6 +27,10 @@ counters), ``pend:{s}:{d}``, ``work:{s}:{d}``, ``lease:{s}:{d}``, ``ctx:{s}:{d}`
 (the code context, uint16 LE), ``evstate:{s}:{d}``, ``events`` (stream),
 ``active`` (set of devices with work, for the sweeper that picks up the work of
 a replica that died).
+
+Every step also comes in a ``*_many`` form that sends one pipelined round
+trip for many devices: the ingest works in rounds of many messages, and the
+single-device forms are those with one entry.
 """
 
 from __future__ import annotations
@@ -83,24 +87,29 @@ return {1, released, lost}
 
 COMMIT = """
 local lease, work, ctx, evstate, events, metrics, dev = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local token, seq, ttl, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local token, first, last, count, frames = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local ttl, maxlen, replica = ARGV[6], ARGV[7], ARGV[8]
 if redis.call('GET', lease) ~= token then return 0 end
-if seq >= 0 then
-  local head = redis.call('LINDEX', work, 0)
-  if not head or struct.unpack('<I4', head) ~= seq then return 0 end
-  redis.call('LPOP', work)
-  redis.call('SET', ctx, ARGV[5])
-  redis.call('HINCRBY', dev, 'processed', 1)
-  redis.call('HINCRBY', dev, 'frames', (#head - 20) / 2)
-  redis.call('HSET', dev, 'processed_seq', seq)
-  redis.call('HINCRBY', metrics, 'processed', 1)
-  if ARGV[8] ~= '' then redis.call('HINCRBY', metrics, 'processed_by:' .. ARGV[8], 1) end
+if count > 0 then
+  -- the work list holds increasing seqs and only the lease holder pops it: checking both ends
+  -- of the run it processed proves it is still exactly the head
+  local head, tail = redis.call('LINDEX', work, 0), redis.call('LINDEX', work, count - 1)
+  if not head or not tail or struct.unpack('<I4', head) ~= first or struct.unpack('<I4', tail) ~= last then
+    return 0
+  end
+  redis.call('LTRIM', work, count, -1)
+  redis.call('SET', ctx, ARGV[9])
+  redis.call('HINCRBY', dev, 'processed', count)
+  redis.call('HINCRBY', dev, 'frames', frames)
+  redis.call('HSET', dev, 'processed_seq', last)
+  redis.call('HINCRBY', metrics, 'processed', count)
+  if replica ~= '' then redis.call('HINCRBY', metrics, 'processed_by:' .. replica, count) end
 end
-local states = cjson.decode(ARGV[6])
+local states = cjson.decode(ARGV[10])
 for label, state in pairs(states) do redis.call('HSET', evstate, label, state) end
-local n_events = tonumber(ARGV[7])
+local n_events = tonumber(ARGV[11])
 for i = 0, n_events - 1 do
-  local base = 9 + i * 4
+  local base = 12 + i * 4
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'site', ARGV[base], 'device', ARGV[base + 1],
              'label', ARGV[base + 2], 'json', ARGV[base + 3])
 end
@@ -148,6 +157,28 @@ class Lease:
     token: str
 
 
+@dataclass
+class Peek:
+    """The head of a leased device's work list, with the state processing starts from."""
+
+    lease: Lease
+    items: list[WorkItem]
+    context: np.ndarray  # (T,) uint16 codes, oldest first
+    states: dict[str, dict]  # label -> event-logic state
+
+
+@dataclass
+class Commit:
+    """The outcome of processing ``items`` (the head of the work list, in order; none for
+    closing events on offline): the new context and event state, and the events."""
+
+    lease: Lease
+    items: list[WorkItem]
+    context: np.ndarray | None
+    states: dict[str, dict]
+    events: list[tuple[str, str, str, bytes]]  # site, device, label, event JSON
+
+
 class DeviceLog:
     """The per-device ordered work queue (see the module docstring)."""
 
@@ -162,58 +193,87 @@ class DeviceLog:
     def _keys(self, kind: str, site: str, device: str) -> str:
         return self.key(kind, site, device)
 
+    def accept_many(self, entries: list[tuple[str, str, WorkItem]], now_ms: int) -> list[Accepted]:
+        """Accept (site, device, item) entries, in order, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for site, device, item in entries:
+            self._accept(keys=[self._keys("dev", site, device), self._keys("pend", site, device),
+                               self._keys("work", site, device), self.key("active")],
+                         args=[item.seq, item.to_bytes(), now_ms, self.reorder_window_ms, self.max_pending,
+                               f"{site}/{device}"], client=pipe)
+        return [Accepted(bool(new), int(released), int(lost)) for new, released, lost in pipe.execute()]
+
     def accept(self, site: str, device: str, item: WorkItem, now_ms: int) -> Accepted:
-        new, released, lost = self._accept(
-            keys=[self._keys("dev", site, device), self._keys("pend", site, device),
-                  self._keys("work", site, device), self.key("active")],
-            args=[item.seq, item.to_bytes(), now_ms, self.reorder_window_ms, self.max_pending, f"{site}/{device}"],
-        )
-        return Accepted(bool(new), int(released), int(lost))
+        return self.accept_many([(site, device, item)], now_ms)[0]
+
+    def lease_many(self, devices: list[tuple[str, str]]) -> list[Lease | None]:
+        """Try to lease each (site, device); None where another holder has it."""
+        pipe = self.r.pipeline(transaction=False)
+        leases = [Lease(site, device, uuid.uuid4().hex) for site, device in devices]
+        for lease in leases:
+            pipe.set(self._keys("lease", lease.site, lease.device), lease.token, nx=True, px=self.lease_ms)
+        return [lease if ok else None for lease, ok in zip(leases, pipe.execute(), strict=True)]
 
     def lease(self, site: str, device: str) -> Lease | None:
-        token = uuid.uuid4().hex
-        if self.r.set(self._keys("lease", site, device), token, nx=True, px=self.lease_ms):
-            return Lease(site, device, token)
-        return None
+        return self.lease_many([(site, device)])[0]
+
+    def peek_many(self, leases: list[Lease], limit: int) -> list[Peek]:
+        """Up to ``limit`` items from the head of each leased device's work list, with its
+        context and event state."""
+        pipe = self.r.pipeline(transaction=False)
+        for lease in leases:
+            pipe.lrange(self._keys("work", lease.site, lease.device), 0, limit - 1)
+            pipe.get(self._keys("ctx", lease.site, lease.device))
+            pipe.hgetall(self._keys("evstate", lease.site, lease.device))
+        replies = pipe.execute()
+        peeks = []
+        for i, lease in enumerate(leases):
+            raw_items, ctx, states = replies[3 * i : 3 * i + 3]
+            peeks.append(Peek(lease, [WorkItem.from_bytes(b) for b in raw_items],
+                              np.frombuffer(ctx or b"", "<u2").copy(),
+                              {k.decode(): json.loads(v) for k, v in states.items()}))
+        return peeks
 
     def peek(self, lease: Lease, limit: int) -> tuple[list[WorkItem], np.ndarray, dict[str, dict]]:
-        """Up to ``limit`` items from the head of the work list, the context and the event state."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.lrange(self._keys("work", lease.site, lease.device), 0, limit - 1)
-        pipe.get(self._keys("ctx", lease.site, lease.device))
-        pipe.hgetall(self._keys("evstate", lease.site, lease.device))
-        raw_items, ctx, states = pipe.execute()
-        items = [WorkItem.from_bytes(b) for b in raw_items]
-        context = np.frombuffer(ctx or b"", "<u2").copy()
-        return items, context, {k.decode(): json.loads(v) for k, v in states.items()}
+        peek = self.peek_many([lease], limit)[0]
+        return peek.items, peek.context, peek.states
 
-    def commit(self, lease: Lease, seq: int | None, context: np.ndarray | None, states: dict[str, dict],
+    def commit_many(self, commits: list[Commit], replica: str = "") -> list[bool]:
+        """Each commit all or nothing: pop its items, store the context and the event state,
+        append the events, count them as processed (and by ``replica``, if named). False where
+        the lease was lost (another replica took over): that holder must stop."""
+        pipe = self.r.pipeline(transaction=False)
+        for c in commits:
+            s, d = c.lease.site, c.lease.device
+            first, last = (c.items[0].seq, c.items[-1].seq) if c.items else (-1, -1)
+            frames = sum(len(item.codes) for item in c.items)
+            flat: list[object] = [field for event in c.events for field in event]
+            self._commit(
+                keys=[self._keys("lease", s, d), self._keys("work", s, d), self._keys("ctx", s, d),
+                      self._keys("evstate", s, d), self.key("events"), self.key("metrics"), self._keys("dev", s, d)],
+                args=[c.lease.token, first, last, len(c.items), frames, self.lease_ms, self.events_maxlen, replica,
+                      b"" if c.context is None else c.context.astype("<u2").tobytes(),
+                      json.dumps({k: json.dumps(v) for k, v in c.states.items()}), len(c.events), *flat],
+                client=pipe,
+            )
+        return [bool(ok) for ok in pipe.execute()]
+
+    def commit(self, lease: Lease, items: list[WorkItem], context: np.ndarray | None, states: dict[str, dict],
                events: list[tuple[str, str, str, bytes]], replica: str = "") -> bool:
-        """Pop item ``seq`` (None: no item, e.g. closing events on offline), store the context and
-        the event state, append ``events`` (site, device, label, json), count it as processed (and
-        by ``replica``, if named): all or nothing. False if the lease was lost (another replica
-        took over): the caller must stop."""
-        s, d = lease.site, lease.device
-        flat: list[object] = []
-        for event in events:
-            flat.extend(event)
-        ok = self._commit(
-            keys=[self._keys("lease", s, d), self._keys("work", s, d), self._keys("ctx", s, d),
-                  self._keys("evstate", s, d), self.key("events"), self.key("metrics"), self._keys("dev", s, d)],
-            args=[lease.token, -1 if seq is None else seq, self.lease_ms, self.events_maxlen,
-                  b"" if context is None else context.astype("<u2").tobytes(),
-                  json.dumps({k: json.dumps(v) for k, v in states.items()}), len(events), replica, *flat],
-        )
-        return bool(ok)
+        return self.commit_many([Commit(lease, items, context, states, events)], replica)[0]
+
+    def release_many(self, leases: list[Lease]) -> list[bool]:
+        """Give each lease back if its work list is empty; False: more work arrived, keep
+        draining (a lease that expired meanwhile counts as given back: nothing more to do)."""
+        pipe = self.r.pipeline(transaction=False)
+        for lease in leases:
+            self._release(keys=[self._keys("lease", lease.site, lease.device),
+                                self._keys("work", lease.site, lease.device), self.key("active")],
+                          args=[lease.token, self.lease_ms, f"{lease.site}/{lease.device}"], client=pipe)
+        return [done != 0 for done in pipe.execute()]  # -1: lost the lease (expired)
 
     def release(self, lease: Lease) -> bool:
-        """Give the lease back if the work list is empty; False: more work arrived, keep draining."""
-        done = self._release(
-            keys=[self._keys("lease", lease.site, lease.device), self._keys("work", lease.site, lease.device),
-                  self.key("active")],
-            args=[lease.token, self.lease_ms, f"{lease.site}/{lease.device}"],
-        )
-        return done != 0  # -1: lost the lease (expired): nothing more to do either
+        return self.release_many([lease])[0]
 
     def active_devices(self) -> list[tuple[str, str]]:
         """Devices with work waiting (for the sweeper)."""

@@ -2,8 +2,12 @@
 
 Replicas hold only weights: the per-device context arrives with each request
 (it lives in Redis), so any replica can serve any device and a restarted
-replica loses nothing. Each batch's size goes to the Redis histogram
-``batch_size_<model>`` (one pipelined round trip per batch), exported by ``/metrics``.
+replica loses nothing. A request carries many windows (the ingest sends every
+window of one round in one request, ``POST /v1/classify`` those of a clip), and
+``@serve.batch`` merges the requests that arrive together (other ingest workers
+and replicas, the API) into one forward pass. The windows of each pass go to the
+Redis histogram ``batch_size_<model>`` (one pipelined round trip per pass),
+exported by ``/metrics``.
 """
 
 from __future__ import annotations
@@ -65,11 +69,13 @@ class CodeLM:
         log.info("CodeLM ready on %s (model %s)", self.device, manifest["model_version"])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def states(self, contexts: list[np.ndarray]) -> list[np.ndarray]:
-        """contexts: (T_i,) uint16 codes -> (W, C) float32 states each."""
+    async def states(self, requests: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Per request, a list of (T_i,) uint16 contexts -> (n, W, C) float32 states of their
+        last windows."""
+        contexts = [torch.as_tensor(c.astype(np.int64), device=self.device) for r in requests for c in r]
         self.batch_sizes.record(len(contexts))
-        tensors = [torch.as_tensor(c.astype(np.int64), device=self.device) for c in contexts]
-        return list(lm_window_states(self.code_lm, tensors, self.window).cpu().numpy())
+        states = lm_window_states(self.code_lm, contexts, self.window).cpu().numpy()  # (N, W, C)
+        return _split(states, [len(r) for r in requests])
 
 
 @serve.deployment
@@ -90,8 +96,14 @@ class Classifier:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def probs(self, states: list[np.ndarray], codes: list[np.ndarray]) -> list[np.ndarray]:
-        """(W, C) states and (W,) codes per window -> (L,) probabilities."""
-        self.batch_sizes.record(len(states))
-        s = torch.as_tensor(np.stack(states), device=self.device)  # (B, W, C)
-        c = torch.as_tensor(np.stack(codes).astype(np.int64), device=self.device)  # (B, W)
-        return list(classify_windows(self.classifier, self.centroids, s, c).cpu().numpy())
+        """Per request, (n, W, C) states and (n, W) codes of n windows -> (n, L) probabilities."""
+        s = torch.as_tensor(np.concatenate(states), device=self.device)  # (N, W, C)
+        c = torch.as_tensor(np.concatenate(codes).astype(np.int64), device=self.device)  # (N, W)
+        self.batch_sizes.record(len(s))
+        probs = classify_windows(self.classifier, self.centroids, s, c).cpu().numpy()  # (N, L)
+        return _split(probs, [len(x) for x in states])
+
+
+def _split(batch: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """One merged batch back into the requests it came from, in order."""
+    return np.split(batch, np.cumsum(sizes)[:-1])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 
 import redis
 
@@ -30,9 +31,8 @@ SAMPLES_MAXLEN = 200_000  # raw observations kept per histogram: a few minutes o
 # histogram bucket upper bounds (Prometheus "le"), by metric name
 HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
     "latency_ms": (5, 10, 25, 50, 100, 150, 200, 250, 500, 1000, 2500, 5000, 10000),
-    "batch_size": (1, 2, 4, 8, 16, 32, 64, 128),
-    "batch_size_code_lm": (1, 2, 4, 8, 16, 32, 64, 128),  # requests per @serve.batch call, by model
-    "batch_size_classifier": (1, 2, 4, 8, 16, 32, 64, 128),
+    "batch_size_code_lm": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),  # windows per forward pass, by model
+    "batch_size_classifier": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 }
 DEADLETTER_PAYLOAD_BYTES = 64 * 1024
 
@@ -95,15 +95,19 @@ class CloudStore:
         )
         self.count(f"rejected:{reason}")
 
-    def count(self, *names: str, n: int = 1) -> None:
-        """Add ``n`` to each counter named (one round trip)."""
-        if len(names) == 1:
-            self.r.hincrby(self.key("metrics"), names[0], n)
+    def add(self, counts: Mapping[str, int]) -> None:
+        """Add each amount to its counter, in one round trip (zeros are skipped)."""
+        counts = {name: n for name, n in counts.items() if n}
+        if not counts:
             return
         pipe = self.r.pipeline(transaction=False)
-        for name in names:
+        for name, n in counts.items():
             pipe.hincrby(self.key("metrics"), name, n)
         pipe.execute()
+
+    def count(self, *names: str, n: int = 1) -> None:
+        """Add ``n`` to each counter named (one round trip)."""
+        self.add(dict.fromkeys(names, n))
 
     def observe(self, name: str, values: list[float]) -> None:
         """Add observations to histogram ``name`` (shared by every replica, as Redis is) and to

@@ -76,32 +76,37 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None
+        self, x: torch.Tensor, cache: KVCache | None = None, keep: int | None = None
     ) -> tuple[torch.Tensor, KVCache]:
         """x (B, t, C) new positions, cache: keys/values of the P positions before them.
-        Returns y (B, t, C) and the keys/values of all P + t positions."""
+        Returns y (B, t, C), or (B, keep, C) for only the last ``keep`` positions (their
+        queries alone are computed), and the keys/values of all P + t positions."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        if keep is not None:
+            q = q[:, -keep:]  # (B, Q, C)
+        Q = q.shape[1]
         # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        past = 0 if cache is None else cache[0].shape[2]
-        if past:
+        q = q.view(B, Q, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, Q, hs)
+        k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (k, v))
+        if cache is not None:
             # A new tensor, not an in-place append: the caller's old state stays valid.
             # The copy is at most context_frames positions, small beside the matmuls.
             k = torch.cat([cache[0], k], dim=2)  # (B, nh, P + T, hs)
             v = torch.cat([cache[1], v], dim=2)  # (B, nh, P + T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        offset = k.shape[2] - Q  # keys before the first query
+        if offset == 0:
             # The full pass (and a first chunk): the same call as in training.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            # is_causal would align the triangle to the top-left (new query i sees
-            # keys 0..i), wrong with a past; new query i sits at P + i and sees keys
-            # 0..P + i. For T == 1 this mask is all True.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            # is_causal would align the triangle to the top-left (query i sees keys
+            # 0..i), wrong with keys before the queries; query i sits at offset + i and
+            # sees keys 0..offset + i. For Q == 1 this mask is all True.
+            mask = torch.ones(Q, offset + Q, dtype=torch.bool, device=x.device).tril(diagonal=offset)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        # y: (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        # y: (B, nh, Q, hs)
+        y = y.transpose(1, 2).contiguous().view(B, Q, C)  # (B, Q, C)
         return self.proj(y), (k, v)
 
 
@@ -122,10 +127,12 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None
+        self, x: torch.Tensor, cache: KVCache | None = None, keep: int | None = None
     ) -> tuple[torch.Tensor, KVCache]:
-        a, new_cache = self.attn(self.ln1(x), cache)
-        x = x + a
+        """x (B, t, C) -> (B, t, C), or (B, keep, C): only the last ``keep`` positions go
+        through (the others still serve as keys and values)."""
+        a, new_cache = self.attn(self.ln1(x), cache, keep)
+        x = x[:, -a.shape[1] :] + a
         return x + self.mlp(self.ln2(x)), new_cache
 
 
@@ -165,6 +172,20 @@ class CodeTransformer(nn.Module):
             )
         logits, hidden, _ = self._run(codes, None)
         return logits, hidden
+
+    def tail_hidden(self, codes: torch.Tensor, keep: int) -> torch.Tensor:
+        """codes (B, T) int64 -> hidden (B, keep, C) of the last ``keep`` positions, equal to
+        ``forward(codes)[1][:, -keep:]`` at less cost: the last block computes only those
+        positions (the earlier blocks need every position as keys and values), and there are
+        no logits. What the cloud's classifier reads."""
+        B, T = codes.shape
+        if T > self.config.context_frames:
+            raise ContextOverflowError(f"sequence of {T} codes exceeds context {self.config.context_frames}")
+        x = self.drop(self.tok_emb(codes) + self.pos_emb(torch.arange(T, device=codes.device)))  # (B, T, C)
+        for block in self.blocks[:-1]:
+            x, _ = block(x)
+        x, _ = self.blocks[-1](x, keep=keep)  # (B, keep, C)
+        return self.ln_f(x)
 
     def forward_step(
         self, codes: torch.Tensor, state: StreamState | None = None

@@ -17,6 +17,9 @@ from shared_models.code_transformer import CodeTransformer, CodeTransformerConfi
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
 
 
+LM_CHUNK = 16  # contexts per code LM pass in lm_window_states
+
+
 @torch.no_grad()
 def lm_window_states(
     code_lm: CodeTransformer, contexts: list[torch.Tensor], window_frames: int
@@ -24,8 +27,9 @@ def lm_window_states(
     """Hidden states of the last ``window_frames`` positions of each context.
 
     contexts: list of (T_i,) int64 with window_frames <= T_i <= context_frames.
-    Contexts of equal length run as one batch (no padding: positions start at 0
-    in training too). Returns (B, W, C) in the input order.
+    Contexts of equal length run together (no padding: positions start at 0 in
+    training too), in chunks of ``LM_CHUNK`` (larger batches of these small matrices
+    run slower per window on a CPU). Returns (B, W, C) in the input order.
     """
     out: list[torch.Tensor | None] = [None] * len(contexts)
     by_len: dict[int, list[int]] = {}
@@ -33,11 +37,12 @@ def lm_window_states(
         if len(ctx) < window_frames:
             raise ValueError(f"context of {len(ctx)} codes is shorter than the window")
         by_len.setdefault(len(ctx), []).append(i)
-    for idx in by_len.values():
-        batch = torch.stack([contexts[i] for i in idx])  # (b, T)
-        _, hidden = code_lm(batch)  # (b, T, C)
-        for j, i in enumerate(idx):
-            out[i] = hidden[j, -window_frames:]
+    for same_len in by_len.values():
+        for start in range(0, len(same_len), LM_CHUNK):
+            idx = same_len[start : start + LM_CHUNK]
+            hidden = code_lm.tail_hidden(torch.stack([contexts[i] for i in idx]), window_frames)  # (b, W, C)
+            for j, i in enumerate(idx):
+                out[i] = hidden[j]
     return torch.stack(out)  # (B, W, C)
 
 

@@ -108,10 +108,11 @@ class CloudConfig:
     archive_sites: str = field(default="", metadata={"doc": "fleet archive, opt-in: comma-separated sites whose code sequences are kept as training data ('*' = all, empty = none)"})
     archive_maxlen: int = field(default=1_000_000, metadata={"doc": "archive stream bound in messages (about 120 MB of codes-only); roll it to Parquet with `soundfleet fleet archive`"})
     ha_discovery_prefix: str = field(default="homeassistant", metadata={"doc": "Home Assistant MQTT discovery prefix: an event entity per device is announced there (empty = off)"})
-    ingest_workers: int = field(default=32, metadata={"doc": "threads processing frames in each ingest replica (devices are pinned to one); each waits on Redis and the models, so many keep batches full"})
+    ingest_workers: int = field(default=4, metadata={"doc": "threads processing frames in each ingest replica (devices are pinned to one); each works in rounds of everything waiting in its queue, so a few keep the CPU busy"})
+    ingest_batch_size: int = field(default=256, metadata={"doc": "most messages one ingest worker takes per round (one Redis round trip per step and one model request for all of them); 1 turns the ingest's batching off"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
     model_max_replicas: int = field(default=1, metadata={"doc": "replicas per model deployment: 1 = fixed; more = Serve autoscaling between 1 and this (on GPUs or many cores)"})
-    max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: largest batch per model call"})
+    max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: most requests (each with a round's windows) merged into one model call"})
     batch_wait_timeout_s: float = field(default=0.01, metadata={"doc": "Serve dynamic batching: longest wait to fill a batch, in seconds"})
 
     def validate(self) -> None:
@@ -121,8 +122,8 @@ class CloudConfig:
             raise ConfigError("cloud thresholds need 0 < off_threshold <= on_threshold < 1")
         if self.ingest_replicas < 1 or self.model_max_replicas < 1 or self.max_pending < 1 or self.reorder_window_s < 0:
             raise ConfigError("cloud.ingest_replicas, model_max_replicas and max_pending must be >= 1, reorder_window_s >= 0")
-        if self.min_windows < 1 or self.ingest_workers < 1 or self.ingest_queue < 1:
-            raise ConfigError("cloud.min_windows, ingest_workers and ingest_queue must be >= 1")
+        if self.min_windows < 1 or self.ingest_workers < 1 or self.ingest_queue < 1 or self.ingest_batch_size < 1:
+            raise ConfigError("cloud.min_windows, ingest_workers, ingest_queue and ingest_batch_size must be >= 1")
 
 
 @dataclass

@@ -38,9 +38,9 @@ def test_nothing_is_lost_or_duplicated_with_and_without_batching(report):
     assert report["frames_sent"] == sent
     assert report["frames_processed"] == sent
     assert report["frames_lost"] == 0 and report["frames_duplicated"] == 0
-    for mode, batch in (("batched", 32), ("unbatched", 1)):
+    for mode, batch in (("batched", (256, 32)), ("unbatched", (1, 1))):
         run = report[mode]
-        assert run["max_batch_size"] == batch and run["devices"] == DEVICES
+        assert (run["ingest_batch_size"], run["max_batch_size"]) == batch and run["devices"] == DEVICES
         assert run["frames_sent"] == run["frames_processed"] == sent
         assert run["frames_lost"] == run["frames_duplicated"] == run["devices_incomplete"] == 0
         assert run["messages_processed"] == run["messages_sent"] == DEVICES * SECONDS

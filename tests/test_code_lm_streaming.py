@@ -200,3 +200,29 @@ def test_step_with_cache_processes_only_new_positions(monkeypatch):
     assert attention_shapes == [(40, 160)] * n_layers
     assert state.positions == 160
     assert all(k.shape[2] == 160 for k, _ in state.layers)
+
+
+@pytest.mark.parametrize("length,keep", [(160, 40), (120, 40), (40, 40), (100, 1)])
+def test_tail_hidden_equals_the_full_pass_tail(shipped_model, length, keep):
+    """The cloud's path: the last block runs only the kept positions, and there are no logits."""
+    codes = _codes(shipped_model, batch=3, length=length)
+    with torch.no_grad():
+        _, full = shipped_model(codes)
+        tail = shipped_model.tail_hidden(codes, keep)
+    assert tail.shape == (3, keep, shipped_model.config.d_model)
+    assert (full[:, -keep:] - tail).abs().max().item() < ATOL
+
+
+def test_window_states_of_many_contexts_match_one_at_a_time(shipped_model):
+    """Mixed context lengths and more contexts than one chunk: each row is its own context's."""
+    from shared_models.detector import LM_CHUNK, lm_window_states
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [160] * (LM_CHUNK + 5) + [40, 80, 120, 160]
+    contexts = [torch.randint(0, 256, (n,), generator=g) for n in lengths]
+    batched = lm_window_states(shipped_model, contexts, 40)  # (B, W, C)
+    assert batched.shape == (len(contexts), 40, shipped_model.config.d_model)
+    for i in (0, LM_CHUNK, len(contexts) - 3, len(contexts) - 1):
+        with torch.no_grad():
+            _, alone = shipped_model(contexts[i].unsqueeze(0))
+        assert (alone[0, -40:] - batched[i]).abs().max().item() < ATOL

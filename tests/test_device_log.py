@@ -66,10 +66,10 @@ def test_only_the_lease_holder_commits_and_a_dead_holders_item_is_redone(log):
     time.sleep(0.4)  # the holder "dies" mid-item: its lease expires
     second = log.lease(SITE, DEVICE)
     assert second is not None
-    assert log.commit(first, item.seq, item.codes, {}, []) is False  # the late holder is fenced off
+    assert log.commit(first, [item], item.codes, {}, []) is False  # the late holder is fenced off
     (again,), _, _ = log.peek(second, 8)
     assert again.seq == 0  # the item was not lost
-    assert log.commit(second, again.seq, again.codes, {"siren": {"active": False}}, [])
+    assert log.commit(second, [again], again.codes, {"siren": {"active": False}}, [])
     assert log.release(second)
     assert _ready(log) == [] and log.active_devices() == []
     assert log.r.hget(log.key("dev", SITE, DEVICE), "processed") == b"1"
@@ -80,6 +80,6 @@ def test_release_keeps_the_lease_while_work_arrived_meanwhile(log):
     lease = log.lease(SITE, DEVICE)
     (item,), _, _ = log.peek(lease, 8)
     log.accept(SITE, DEVICE, _item(1), now_ms=1)  # pushed by another replica while we work
-    assert log.commit(lease, item.seq, item.codes, {}, [])
+    assert log.commit(lease, [item], item.codes, {}, [])
     assert log.release(lease) is False  # not empty: keep draining, nothing is stranded
     assert [i.seq for i in log.peek(lease, 8)[0]] == [1]

@@ -324,7 +324,7 @@ SITE = "itest"
 
 
 def test_context_codes_put_the_silence_code_at_silent_frames() -> None:
-    from cloud.ingest import context_codes
+    from cloud.pipeline import context_codes
 
     silent = mask_of(N, (0, 3), (30, 10))
     codes = context_codes(message(silent), silence_code=42)
@@ -338,7 +338,7 @@ def test_device_log_keeps_silence_code_in_the_queued_codes(
     redis_url, redis_prefix, redis_client
 ) -> None:
     from cloud.device_log import DeviceLog, WorkItem
-    from cloud.ingest import context_codes
+    from cloud.pipeline import context_codes
     from cloud.store import CloudStore
 
     store = CloudStore(redis_url, redis_prefix)
