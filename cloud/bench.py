@@ -283,6 +283,8 @@ def _drain(store, site: str, fleet: dict, timeout_s: float) -> tuple[float, bool
 
 
 def _figures(store, site: str, fleet: dict, warm_samples: int) -> dict[str, Any]:
+    from cloud.store import INGEST_STAGES
+
     frames = fleet["frames_per_message"]
     names = [device_name("sim", k) for k in range(fleet["devices"])]
     per_device = _device_counts(store, site, names)
@@ -314,6 +316,8 @@ def _figures(store, site: str, fleet: dict, warm_samples: int) -> dict[str, Any]
         "counters": {k: v for k, v in sorted(metrics.items()) if k in COUNTERS or k.startswith("rejected:")},
         "mean_batch_size": {name: _mean(store.histogram(f"batch_size_{name}"))
                             for name in ("code_lm", "classifier")},
+        "mean_round_messages": _mean(store.histogram("round_messages")),  # MQTT messages per ingest round
+        "mean_stage_ms": {stage: _mean(store.histogram(f"stage_ms_{stage}")) for stage in INGEST_STAGES},
         "fleet_send_lateness_ms": fleet["send_lateness_ms"],
         "fleet_errors": fleet["errors"],
     }

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from cloud.store import HISTOGRAM_BUCKETS
+from cloud.store import HISTOGRAM_BUCKETS, INGEST_STAGES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NAMESPACE = "soundfleet"
@@ -42,8 +42,11 @@ GAUGE_HELP: dict[str, str] = {
 
 HISTOGRAMS: dict[str, tuple[str, dict[str, str], str]] = {
     "latency_ms": ("latency_ms", {}, "capture-to-classification latency of each frames message, ms"),
-    "batch_size_code_lm": ("batch_size", {"model": "code_lm"}, "requests per batch of a cloud model"),
-    "batch_size_classifier": ("batch_size", {"model": "classifier"}, "requests per batch of a cloud model"),
+    "batch_size_code_lm": ("batch_size", {"model": "code_lm"}, "windows per forward pass of a cloud model"),
+    "batch_size_classifier": ("batch_size", {"model": "classifier"}, "windows per forward pass of a cloud model"),
+    "round_messages": ("ingest_round_messages", {}, "MQTT messages per ingest round"),
+    **{f"stage_ms_{stage}": ("ingest_stage_ms", {"stage": stage}, "time per ingest round and stage, ms")
+       for stage in INGEST_STAGES},
 }
 """Redis histogram name -> (metric name, labels, help). Several may share one metric name."""
 

@@ -80,6 +80,29 @@ class Drain:
     device: str
 
 
+class RoundRecord:
+    """What one round counts and measures, written to Redis in one round trip at its end:
+    counters, the latency of each classified message, and the wall time of each stage
+    (``lap(stage)`` closes the stage that ran since the previous lap)."""
+
+    def __init__(self, messages: int):
+        self.counts: Counter[str] = Counter()
+        self.latencies_ms: list[float] = []
+        self.stage_ms: dict[str, float] = {}
+        self.messages = messages
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stage_ms[stage] = self.stage_ms.get(stage, 0.0) + (now - self._last) * 1e3
+        self._last = now
+
+    def flush(self, store: CloudStore) -> None:
+        self.stage_ms["round"] = (time.perf_counter() - self._start) * 1e3
+        store.record(self.counts, {"latency_ms": self.latencies_ms, "round_messages": [self.messages],
+                                   **{f"stage_ms_{stage}": [ms] for stage, ms in self.stage_ms.items()}})
+
+
 @dataclass
 class Decoded:
     frames: list[tuple[str, str, WorkItem]]
@@ -113,24 +136,29 @@ class Pipeline:
 
     def run(self, inbound: list[Inbound | Drain], held: dict[DeviceKey, Lease]) -> None:
         """One round over ``inbound``; ``held`` (this worker's leases) is updated in place."""
-        decoded = self._decode(inbound)
-        ready = self._accept(decoded.frames) | decoded.drains
+        record = RoundRecord(len(inbound))
+        decoded = self._decode(inbound, record)
+        ready = self._accept(decoded.frames, record) | decoded.drains
         wanted = sorted(ready - held.keys())
         for key, lease in zip(wanted, self.log.lease_many(wanted), strict=True):
             if lease is not None:
                 held[key] = lease
+        record.lap("lease")
         if held:
-            self._process(held)
+            self._process(held, record)
         for site, device, status in decoded.statuses:
-            self._status(site, device, status, held)
+            self._status(site, device, status, held, record)
+        record.lap("statuses")
         if held:
             leases = list(held.values())
             for lease, done in zip(leases, self.log.release_many(leases), strict=True):
                 if done:
                     del held[(lease.site, lease.device)]
+        record.lap("release")
+        record.flush(self.store)
 
     # --- 1-2: decode and accept --------------------------------------------------------
-    def _decode(self, inbound: list[Inbound | Drain]) -> Decoded:
+    def _decode(self, inbound: list[Inbound | Drain], record: RoundRecord) -> Decoded:
         decoded = Decoded([], [], set())
         received = 0
         for item in inbound:
@@ -156,16 +184,14 @@ class Pipeline:
                 continue
             codes = context_codes(message, self.silence_code)
             decoded.frames.append((site, device, WorkItem(message.seq, message.t_end_ns, item.received_ns, codes)))
-        if received:
-            self.store.add({"received": received, f"received_by:{self.replica}": received})
+        record.counts.update({"received": received, f"received_by:{self.replica}": received})
+        record.lap("decode")
         return decoded
 
-    def _accept(self, frames: list[tuple[str, str, WorkItem]]) -> set[DeviceKey]:
+    def _accept(self, frames: list[tuple[str, str, WorkItem]], record: RoundRecord) -> set[DeviceKey]:
         """Devices with newly ready work."""
-        if not frames:
-            return set()
-        results = self.log.accept_many(frames, time.time_ns() // 1_000_000)
-        counts: Counter[str] = Counter()
+        results = self.log.accept_many(frames, time.time_ns() // 1_000_000) if frames else []
+        counts = record.counts
         ready = set()
         for (site, device, _), accepted in zip(frames, results, strict=True):
             counts["accepted" if accepted.new else "duplicates"] += 1
@@ -175,12 +201,13 @@ class Pipeline:
                             accepted.lost)
             if accepted.released:
                 ready.add((site, device))
-        self.store.add(counts)
+        record.lap("accept")
         return ready
 
     # --- 4-6: the held devices' work ----------------------------------------------------
-    def _process(self, held: dict[DeviceKey, Lease]) -> None:
+    def _process(self, held: dict[DeviceKey, Lease], record: RoundRecord) -> None:
         peeks = [p for p in self.log.peek_many(list(held.values()), PEEK_ITEMS) if p.items]
+        record.lap("peek")
         windows: list[np.ndarray] = []  # (T,) contexts whose last window gets classified
         slots: list[list[int]] = []  # per peek, per item: its index in windows, or -1 (no full window yet)
         contexts: list[np.ndarray] = []  # per peek: the context after its last item
@@ -195,14 +222,17 @@ class Pipeline:
                     item_slots.append(-1)
             slots.append(item_slots)
             contexts.append(context)
-        probs = self._classify(windows)  # (N, L)
+        probs = self._classify(windows, record)  # (N, L)
+        record.lap("models")
         commits, events = [], []
         for peek, item_slots, context in zip(peeks, slots, contexts, strict=True):
             states, closed = self._events(peek, item_slots, probs)
             events.append(closed)
             commits.append(Commit(peek.lease, peek.items, context, states, [self._event_fields(e) for e in closed]))
+        record.lap("events")
         committed = self.log.commit_many(commits, self.replica)
-        now_ns, latencies_ms = time.time_ns(), []
+        record.lap("commit")
+        now_ns = time.time_ns()
         for peek, item_slots, closed, ok in zip(peeks, slots, events, committed, strict=True):
             lease = peek.lease
             if not ok:
@@ -216,9 +246,9 @@ class Pipeline:
                     self.archive.append(lease.site, lease.device, item)
             # ingest-to-classification latency, from the capture time of the window's last sample
             # (or from receipt, for a file replayed faster than real time: its capture times lie ahead)
-            latencies_ms += [(now_ns - min(item.t_end_ns, item.received_ns)) / 1e6
-                             for item, slot in zip(peek.items, item_slots, strict=True) if slot >= 0]
-        self.store.observe("latency_ms", latencies_ms)
+            record.latencies_ms += [(now_ns - min(item.t_end_ns, item.received_ns)) / 1e6
+                                    for item, slot in zip(peek.items, item_slots, strict=True) if slot >= 0]
+        record.lap("outputs")
 
     def _events(self, peek: Peek, item_slots: list[int], probs: np.ndarray) -> tuple[dict, list[SoundEvent]]:
         """The event logic over one device's items, in seq order: its new state and closed events."""
@@ -235,7 +265,7 @@ class Pipeline:
                     closed_events.append(self._event(peek.lease.site, peek.lease.device, label, closed))
         return {label: s.to_dict() for label, s in states.items()}, closed_events
 
-    def _classify(self, windows: list[np.ndarray]) -> np.ndarray:
+    def _classify(self, windows: list[np.ndarray], record: RoundRecord) -> np.ndarray:
         """(N, L) label probabilities of each context's last window; retried until the models
         answer (a dead model replica is restarted by Serve; the items wait at their heads)."""
         if not windows:
@@ -250,15 +280,16 @@ class Pipeline:
                     responses.append(self.classifier.probs.remote(states, codes))
                 return np.concatenate([r.result() for r in responses])  # (N, L)
             except Exception as exc:  # RayActorError, a replica being replaced, ...
-                self.store.add({"model_retries": 1})
+                record.counts["model_retries"] += 1
                 log.warning("model call for %d windows failed (%s: %s); retrying in %.1f s", len(windows),
                             type(exc).__name__, exc, MODEL_RETRY_S)
                 time.sleep(MODEL_RETRY_S)
 
     # --- 7: statuses ----------------------------------------------------------------------
-    def _status(self, site: str, device: str, status: StatusMessage | None, held: dict[DeviceKey, Lease]) -> None:
+    def _status(self, site: str, device: str, status: StatusMessage | None, held: dict[DeviceKey, Lease],
+                record: RoundRecord) -> None:
         if status is None:  # an empty retained message deletes the retained status
-            self.store.add({"status_cleared": 1})
+            record.counts["status_cleared"] += 1
             return
         # an online status is a full heartbeat; an offline one (often the last will) only says so,
         # so the device keeps its last known versions, spool depth, CPU and memory

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import redis
@@ -34,6 +35,15 @@ HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
     "batch_size_code_lm": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),  # windows per forward pass, by model
     "batch_size_classifier": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 }
+INGEST_STAGES = ("decode", "accept", "lease", "peek", "models", "events", "commit", "outputs", "statuses",
+                 "release", "round")
+"""Steps of an ingest round (cloud/pipeline.py), each timed into histogram ``stage_ms_<stage>``;
+"round" is the whole round."""
+for _stage in INGEST_STAGES:
+    HISTOGRAM_BUCKETS[f"stage_ms_{_stage}"] = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+HISTOGRAM_BUCKETS["round_messages"] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+RAW_SAMPLES = frozenset({"latency_ms"})
+"""Histograms whose raw values are kept too (``samples:{name}``), for benchmarks."""
 DEADLETTER_PAYLOAD_BYTES = 64 * 1024
 
 
@@ -95,34 +105,40 @@ class CloudStore:
         )
         self.count(f"rejected:{reason}")
 
-    def add(self, counts: Mapping[str, int]) -> None:
-        """Add each amount to its counter, in one round trip (zeros are skipped)."""
-        counts = {name: n for name, n in counts.items() if n}
-        if not counts:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for name, n in counts.items():
-            pipe.hincrby(self.key("metrics"), name, n)
-        pipe.execute()
-
     def count(self, *names: str, n: int = 1) -> None:
         """Add ``n`` to each counter named (one round trip)."""
         self.add(dict.fromkeys(names, n))
 
     def observe(self, name: str, values: list[float]) -> None:
-        """Add observations to histogram ``name`` (shared by every replica, as Redis is) and to
-        its capped list of raw samples, in one round trip."""
-        if not values:
-            return
-        hist, pipe = self.key("hist", name), self.r.pipeline(transaction=False)
-        for value in values:
-            le = next((b for b in HISTOGRAM_BUCKETS[name] if value <= b), "+Inf")
-            pipe.hincrby(hist, str(le), 1)
-        pipe.hincrbyfloat(hist, "sum", float(sum(values)))
-        pipe.hincrby(hist, "count", len(values))
-        pipe.lpush(self.key("samples", name), *[f"{v:.3f}" for v in values])
-        pipe.ltrim(self.key("samples", name), 0, SAMPLES_MAXLEN - 1)
-        pipe.execute()
+        """Add observations to histogram ``name``: see `record`."""
+        self.record({}, {name: values})
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        """Add each amount to its counter: see `record`."""
+        self.record(counts, {})
+
+    def record(self, counts: Mapping[str, int], observations: Mapping[str, list[float]]) -> None:
+        """Add to counters (zeros skipped) and to histograms (shared by every replica, as Redis
+        is; those in RAW_SAMPLES also keep a capped list of raw values), in one round trip."""
+        pipe, metrics = self.r.pipeline(transaction=False), self.key("metrics")
+        for name, n in counts.items():
+            if n:
+                pipe.hincrby(metrics, name, n)
+        for name, values in observations.items():
+            if not values:
+                continue
+            hist, buckets = self.key("hist", name), Counter()
+            for value in values:
+                buckets[str(next((b for b in HISTOGRAM_BUCKETS[name] if value <= b), "+Inf"))] += 1
+            for le, n in buckets.items():
+                pipe.hincrby(hist, le, n)
+            pipe.hincrbyfloat(hist, "sum", float(sum(values)))
+            pipe.hincrby(hist, "count", len(values))
+            if name in RAW_SAMPLES:
+                pipe.lpush(self.key("samples", name), *[f"{v:.3f}" for v in values])
+                pipe.ltrim(self.key("samples", name), 0, SAMPLES_MAXLEN - 1)
+        if len(pipe):
+            pipe.execute()
 
     def histogram(self, name: str) -> dict[str, float]:
         """Bucket upper bound -> count (not cumulative), plus "sum" and "count"."""

@@ -384,3 +384,9 @@ def test_metrics_counts_traffic_rejections_latency_and_batches(cloud_app, mqtt_u
     assert check_histogram("soundfleet_latency_ms") >= agent.stats.messages
     assert check_histogram("soundfleet_batch_size", model="code_lm") >= 1
     assert check_histogram("soundfleet_batch_size", model="classifier") >= 1
+    assert check_histogram("soundfleet_ingest_round_messages") >= 1
+    for stage in ("decode", "accept", "peek", "models", "commit", "round"):  # each round times its stages
+        assert check_histogram("soundfleet_ingest_stage_ms", stage=stage) >= 1, stage
+    # "round" (the whole round) is read last, so its sum can only be ahead of the models' part
+    stage_sums = {s: after["soundfleet_ingest_stage_ms_sum"][(("stage", s),)] for s in ("models", "round")}
+    assert 0 < stage_sums["models"] <= stage_sums["round"]

@@ -91,7 +91,8 @@ def test_two_replicas_process_each_frame_once_in_device_order(shared_app, mqtt_c
     from cloud.archive import roll_archive
     from training.fleet_archive import read_fleet_archive
 
-    assert roll_archive(store, tmp_path) == DEVICES * MESSAGES
+    # at least: the archive takes every site, and other agents may share the broker
+    assert roll_archive(store, tmp_path) >= DEVICES * MESSAGES
     sequences = [s for s in read_fleet_archive(tmp_path, codebook_id=codebook_id) if s.site == site]
     assert sorted(s.device for s in sequences) == [f"dev{d}" for d in range(DEVICES)]
     for sequence in sequences:  # one unbroken sequence per device, every code once, in order
