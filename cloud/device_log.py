@@ -126,6 +126,8 @@ redis.call('SREM', KEYS[3], ARGV[3])
 return 1
 """
 
+SCRIPTS = {"accept": ACCEPT, "commit": COMMIT, "release": RELEASE}
+
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -186,22 +188,40 @@ class DeviceLog:
                  reorder_window_ms: int = 2000, max_pending: int = 30, lease_ms: int = 10_000):
         self.r, self.key, self.events_maxlen = r, key, events_maxlen
         self.reorder_window_ms, self.max_pending, self.lease_ms = reorder_window_ms, max_pending, lease_ms
-        self._accept = r.register_script(ACCEPT)
-        self._commit = r.register_script(COMMIT)
-        self._release = r.register_script(RELEASE)
+        self._sha: dict[str, str] = {}
+        self._load_scripts()
+
+    def _load_scripts(self) -> None:
+        self._sha = {name: self.r.script_load(source) for name, source in SCRIPTS.items()}
+
+    def _run_scripts(self, calls: list[tuple[str, list, list]]) -> list:
+        """(script name, keys, args) calls in one pipelined round trip, by SHA. redis-py's
+        Script objects would ask SCRIPT EXISTS before every pipeline (a round trip more);
+        instead a Redis that lost its script cache (restarted) answers NOSCRIPT to every
+        call, nothing ran, and the scripts are loaded again and the calls sent once more."""
+        for attempt in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            for name, keys, args in calls:
+                pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self._load_scripts()
+        raise AssertionError("unreachable")
 
     def _keys(self, kind: str, site: str, device: str) -> str:
         return self.key(kind, site, device)
 
     def accept_many(self, entries: list[tuple[str, str, WorkItem]], now_ms: int) -> list[Accepted]:
         """Accept (site, device, item) entries, in order, in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
-        for site, device, item in entries:
-            self._accept(keys=[self._keys("dev", site, device), self._keys("pend", site, device),
-                               self._keys("work", site, device), self.key("active")],
-                         args=[item.seq, item.to_bytes(), now_ms, self.reorder_window_ms, self.max_pending,
-                               f"{site}/{device}"], client=pipe)
-        return [Accepted(bool(new), int(released), int(lost)) for new, released, lost in pipe.execute()]
+        calls = [("accept",
+                  [self._keys("dev", site, device), self._keys("pend", site, device),
+                   self._keys("work", site, device), self.key("active")],
+                  [item.seq, item.to_bytes(), now_ms, self.reorder_window_ms, self.max_pending, f"{site}/{device}"])
+                 for site, device, item in entries]
+        return [Accepted(bool(new), int(released), int(lost)) for new, released, lost in self._run_scripts(calls)]
 
     def accept(self, site: str, device: str, item: WorkItem, now_ms: int) -> Accepted:
         return self.accept_many([(site, device, item)], now_ms)[0]
@@ -242,21 +262,21 @@ class DeviceLog:
         """Each commit all or nothing: pop its items, store the context and the event state,
         append the events, count them as processed (and by ``replica``, if named). False where
         the lease was lost (another replica took over): that holder must stop."""
-        pipe = self.r.pipeline(transaction=False)
+        calls = []
         for c in commits:
             s, d = c.lease.site, c.lease.device
             first, last = (c.items[0].seq, c.items[-1].seq) if c.items else (-1, -1)
             frames = sum(len(item.codes) for item in c.items)
             flat: list[object] = [field for event in c.events for field in event]
-            self._commit(
-                keys=[self._keys("lease", s, d), self._keys("work", s, d), self._keys("ctx", s, d),
-                      self._keys("evstate", s, d), self.key("events"), self.key("metrics"), self._keys("dev", s, d)],
-                args=[c.lease.token, first, last, len(c.items), frames, self.lease_ms, self.events_maxlen, replica,
-                      b"" if c.context is None else c.context.astype("<u2").tobytes(),
-                      json.dumps({k: json.dumps(v) for k, v in c.states.items()}), len(c.events), *flat],
-                client=pipe,
-            )
-        return [bool(ok) for ok in pipe.execute()]
+            calls.append((
+                "commit",
+                [self._keys("lease", s, d), self._keys("work", s, d), self._keys("ctx", s, d),
+                 self._keys("evstate", s, d), self.key("events"), self.key("metrics"), self._keys("dev", s, d)],
+                [c.lease.token, first, last, len(c.items), frames, self.lease_ms, self.events_maxlen, replica,
+                 b"" if c.context is None else c.context.astype("<u2").tobytes(),
+                 json.dumps({k: json.dumps(v) for k, v in c.states.items()}), len(c.events), *flat],
+            ))
+        return [bool(ok) for ok in self._run_scripts(calls)]
 
     def commit(self, lease: Lease, items: list[WorkItem], context: np.ndarray | None, states: dict[str, dict],
                events: list[tuple[str, str, str, bytes]], replica: str = "") -> bool:
@@ -265,12 +285,12 @@ class DeviceLog:
     def release_many(self, leases: list[Lease]) -> list[bool]:
         """Give each lease back if its work list is empty; False: more work arrived, keep
         draining (a lease that expired meanwhile counts as given back: nothing more to do)."""
-        pipe = self.r.pipeline(transaction=False)
-        for lease in leases:
-            self._release(keys=[self._keys("lease", lease.site, lease.device),
-                                self._keys("work", lease.site, lease.device), self.key("active")],
-                          args=[lease.token, self.lease_ms, f"{lease.site}/{lease.device}"], client=pipe)
-        return [done != 0 for done in pipe.execute()]  # -1: lost the lease (expired)
+        calls = [("release",
+                  [self._keys("lease", lease.site, lease.device), self._keys("work", lease.site, lease.device),
+                   self.key("active")],
+                  [lease.token, self.lease_ms, f"{lease.site}/{lease.device}"])
+                 for lease in leases]
+        return [done != 0 for done in self._run_scripts(calls)]  # -1: lost the lease (expired)
 
     def release(self, lease: Lease) -> bool:
         return self.release_many([lease])[0]

@@ -83,3 +83,15 @@ def test_release_keeps_the_lease_while_work_arrived_meanwhile(log):
     assert log.commit(lease, [item], item.codes, {}, [])
     assert log.release(lease) is False  # not empty: keep draining, nothing is stranded
     assert [i.seq for i in log.peek(lease, 8)[0]] == [1]
+
+
+def test_a_redis_that_lost_its_scripts_gets_them_again(log):
+    """After a Redis restart the script cache is empty: the next call reloads it and runs."""
+    log.r.script_flush()
+    assert log.accept(SITE, DEVICE, _item(0), now_ms=0).released == 1
+    lease = log.lease(SITE, DEVICE)
+    (item,), _, _ = log.peek(lease, 8)
+    log.r.script_flush()
+    assert log.commit(lease, [item], item.codes, {}, [])
+    log.r.script_flush()
+    assert log.release(lease)
