@@ -67,10 +67,12 @@ class CloudBenchSettings:
     profile: bool = False
     processes: int = 0  # fleet simulator processes (0 = its default)
     drain_timeout_s: float = DRAIN_TIMEOUT_S
+    burst_s: float = 0.0  # after the real-time phase, an outage of this long, then the backlog at once
 
     def validate(self) -> None:
-        if self.devices < 1 or self.seconds < 1 or self.drain_timeout_s < 0:
-            raise BenchError("bench cloud needs --devices >= 1, --seconds >= 1 and --drain-timeout-s >= 0")
+        if self.devices < 1 or self.seconds < 1 or self.drain_timeout_s < 0 or self.burst_s < 0:
+            raise BenchError("bench cloud needs --devices >= 1, --seconds >= 1, --drain-timeout-s >= 0 "
+                             "and --burst >= 0")
 
 
 def run_cloud_bench(cloud: CloudConfig, settings: CloudBenchSettings) -> dict[str, Any]:
@@ -179,7 +181,7 @@ def measure(cloud: CloudConfig, settings: CloudBenchSettings, tracks: Tracks, de
             profiler.start()
         fleet = simulate_fleet(FleetSettings(devices=devices, seconds=settings.seconds, realtime=True,
                                              site=site, broker_url=config.broker_url,
-                                             processes=settings.processes), tracks)
+                                             processes=settings.processes, burst_s=settings.burst_s), tracks)
         drain_s, drained = _drain(store, site, fleet, settings.drain_timeout_s)
         figures = _figures(store, site, fleet, warm)
         figures["ingest_queued_at_end"] = _ingest_queued()  # messages of any kind, in memory
@@ -320,6 +322,7 @@ def _figures(store, site: str, fleet: dict, warm_samples: int) -> dict[str, Any]
         "mean_stage_ms": {stage: _mean(store.histogram(f"stage_ms_{stage}")) for stage in INGEST_STAGES},
         "fleet_send_lateness_ms": fleet["send_lateness_ms"],
         "fleet_errors": fleet["errors"],
+        "burst": fleet["burst"],  # with --burst: the backlog's size and how fast the broker took it
     }
     figures["kept_up"] = bool(lost == 0 and duplicated == 0 and p99 is not None and p99 <= TARGETS["p99_ms"]
                               and latency.size >= fleet["messages_sent"])

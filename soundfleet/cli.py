@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cloud.add_argument("--find-max", action="store_true", help="first step the fleet up (50, 100, 200, 300, 500 devices, up to --devices; see --steps) until a size misses p99 <= 250 ms or loses a frame, and report the largest that kept up")
     bench_cloud.add_argument("--steps", help="comma-separated fleet sizes for --find-max (default 50,100,200,300,500)")
     bench_cloud.add_argument("--profile", action="store_true", help="also sample where the time goes: CPU per process role (/proc), Redis commands and CPU (INFO), the ingest queue depth and the broker's transit time")
+    bench_cloud.add_argument("--burst", type=float, default=0.0, metavar="X", help="after the real-time phase, an outage of X s, then every device flushes its X s of backlog at once (SPEC: nothing lost or duplicated under a 10x burst; the latency then includes the backlog's age)")
     bench_cloud.add_argument("--processes", type=int, default=0, help="fleet simulator processes (default min(4, CPU count))")
     bench_cloud.add_argument("--drain-timeout-s", type=float, default=60.0, help="after the fleet stops, wait at most this long for the ingest to catch up (default 60)")
     bench_cloud.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
@@ -402,7 +403,7 @@ def _bench_cloud(args, config) -> int:
         return 2
     settings = CloudBenchSettings(devices=args.devices, seconds=args.seconds, find_max=args.find_max,
                                   profile=args.profile, processes=args.processes,
-                                  drain_timeout_s=args.drain_timeout_s)
+                                  drain_timeout_s=args.drain_timeout_s, burst_s=args.burst)
     if steps:
         settings.steps = steps
     for noisy in ("ray", "ray.serve", "soundfleet.services.broker"):
