@@ -12,6 +12,14 @@ PUBACKs arrive on paho's network thread, possibly before ``publish`` has even
 returned the message id to the sender. `publish` therefore never holds a lock
 while calling paho (paho calls ``on_publish`` with its own mutex held, so that
 would deadlock); an ack for a mid not yet mapped waits in ``_early_acks``.
+
+Only the network thread writes to the socket. By default paho's ``publish`` writes
+the packet itself, in the caller's thread, when no ``loop_start`` thread exists, while
+``loop`` in our network thread writes too; both take packets off paho's one queue
+without a lock, so a thread preempted between taking packet k and sending it lets the
+other send k+1 first, and the broker gets frames out of order. A (no-op)
+``on_socket_register_write`` makes ``publish`` only queue the packet and wake the
+network thread through paho's socketpair.
 """
 
 from __future__ import annotations
@@ -59,6 +67,11 @@ def backoff_delays(min_s: float, max_s: float, rng: random.Random | None = None)
         ceiling = min(max_s, min_s * 2**attempt)
         yield ceiling / 2 + rng.uniform(0, ceiling / 2)
         attempt = min(attempt + 1, 32)
+
+
+def _network_thread_writes(client, userdata, sock) -> None:
+    """paho asks for the socket to be watched for writing: `BrokerLink._network_loop` always does
+    (``loop`` selects on it while paho has data queued), so there is nothing to register."""
 
 
 class BrokerLink:
@@ -157,6 +170,8 @@ class BrokerLink:
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
+        # publish() only queues; _network_loop (woken by paho's socketpair) does every write
+        client.on_socket_register_write = _network_thread_writes
         return client
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -17,8 +17,11 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+import paho.mqtt.client as paho_client
 import pytest
 
+from edge.link import BrokerLink, LinkSettings
 from shared_models import wire
 from soundfleet.services import free_port
 
@@ -133,6 +136,69 @@ def test_sigkilled_offline_agent_sends_its_spool_after_restart(mqtt_url, mqtt_cl
     assert seqs == list(range(len(seqs))), "spooled frames lost, repeated or out of order"
     times = [wire.FramesMessage.from_bytes(p).t_start_ns for p in collector.payloads]
     assert times[-new] > times[-new - 1]  # the restarted run's frames come after the spooled ones
+
+
+def test_link_keeps_publish_order_when_its_network_thread_stalls_mid_write(
+        mqtt_url, mqtt_client_factory, clear_retained, monkeypatch):
+    """Regression for the SIGKILL test's rare "at index 23 got seq 24" (23 arrived last).
+
+    paho's ``publish`` used to write to the socket itself, in the sender's thread, while the
+    link's network thread (paho's ``loop``) wrote too; each took packets off paho's one queue.
+    When the network thread had taken seq k and was preempted before its ``send``, the sender
+    sent k+1.. first. Here that preemption is made certain: paho's socket send stalls on seq 3
+    until seqs 6..11 are published. A callback holding the network thread (a retained message on
+    a subscribed topic) makes seqs 0..5 wait in paho's queue, so that thread, not the publishing
+    one, is the one that takes seq 3. The broker is real; only the timing is forced."""
+    topic = f"test/link-order/{uuid.uuid4().hex[:8]}"
+    hold_topic = f"{topic}/hold"
+    clear_retained(hold_topic)
+    payloads = [wire.FramesMessage(codebook_id=1, seq=seq, t_start_ns=seq,
+                                   codes=np.full(8, seq, dtype=np.uint16)).to_bytes() for seq in range(12)]
+    stalled, go_on = threading.Event(), threading.Event()
+    writers: dict[int, str] = {}  # seq -> the thread that wrote its PUBLISH to the socket
+    sock_send = paho_client.Client._sock_send
+
+    def slow_sock_send(client, buf):
+        packet = bytes(buf)
+        seq = next((i for i, p in enumerate(payloads) if packet.endswith(p)), None)
+        if seq is not None:
+            writers[seq] = threading.current_thread().name
+        if seq == 3:
+            stalled.set()
+            go_on.wait(10)  # as if preempted between paho's popleft() and send()
+        return sock_send(client, buf)
+
+    monkeypatch.setattr(paho_client.Client, "_sock_send", slow_sock_send)
+    in_callback, leave_callback = threading.Event(), threading.Event()
+
+    def hold(_payload: bytes) -> None:  # runs on the link's network thread
+        in_callback.set()
+        leave_callback.wait(10)
+
+    mqtt_client_factory().publish(hold_topic, b"hold", qos=1, retain=True).wait_for_publish(5)
+    collector = Collector(mqtt_client_factory, mqtt_url, topic)
+    acked: list[object] = []
+    link = BrokerLink(LinkSettings(broker_url=mqtt_url, client_id=f"test-link-{uuid.uuid4().hex[:8]}"),
+                      will=lambda: (f"{topic}/status", b"gone"), on_ack=acked.append,
+                      subscriptions={hold_topic: hold})
+    try:
+        assert link.connect()
+        assert in_callback.wait(10), "the retained message never reached the link's callback"
+        for seq in range(6):
+            assert link.publish(topic, payloads[seq], token=seq)
+        leave_callback.set()
+        assert stalled.wait(10), "seq 3 was never written"
+        for seq in range(6, 12):
+            assert link.publish(topic, payloads[seq], token=seq)
+        go_on.set()
+        seqs = collector.wait_for(12, 10)
+    finally:
+        leave_callback.set()
+        go_on.set()
+        link.close()
+    assert seqs == list(range(12)), f"frames reordered on the wire: {seqs}"
+    assert set(writers.values()) == {"mqtt-link"}, f"PUBLISH written by other threads: {writers}"
+    assert sorted(acked) == list(range(12))
 
 
 def _spooled_bytes(spool: Path) -> int:
