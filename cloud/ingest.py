@@ -48,7 +48,6 @@ from soundfleet.services import mqtt_client
 
 log = logging.getLogger(__name__)
 
-STOP = object()
 SWEEP_S = 1.0  # how often a replica looks for work a dead replica left behind
 REDIS_RETRY_S = 1.0  # wait before running a round again after a Redis error
 
@@ -164,8 +163,6 @@ class Ingest:
         held: dict[DeviceKey, Lease] = {}  # devices this worker is draining
         while True:
             batch = self._take(q, wait=not held)
-            if STOP in batch:
-                return
             while True:
                 try:
                     self.pipeline.run(batch, held)
@@ -227,7 +224,8 @@ class Ingest:
         }
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising restarts the replica."""
+        """Serve calls this periodically; raising restarts the replica. Not Redis: a restart
+        cannot bring Redis back and would drop the messages waiting in this replica's queues
+        (its rounds wait for Redis instead; /readyz reports it)."""
         if not all(w.is_alive() for w in self.workers):
             raise RuntimeError("an ingest worker thread died")
-        self.store.ping()

@@ -108,12 +108,12 @@ class CloudConfig:
     archive_sites: str = field(default="", metadata={"doc": "fleet archive, opt-in: comma-separated sites whose code sequences are kept as training data ('*' = all, empty = none)"})
     archive_maxlen: int = field(default=1_000_000, metadata={"doc": "archive stream bound in messages (about 120 MB of codes-only); roll it to Parquet with `soundfleet fleet archive`"})
     ha_discovery_prefix: str = field(default="homeassistant", metadata={"doc": "Home Assistant MQTT discovery prefix: an event entity per device is announced there (empty = off)"})
-    ingest_workers: int = field(default=4, metadata={"doc": "threads processing frames in each ingest replica (devices are pinned to one); each works in rounds of everything waiting in its queue, so a few keep the CPU busy"})
+    ingest_workers: int = field(default=2, metadata={"doc": "threads processing frames in each ingest replica (devices are pinned to one); each works in rounds of everything waiting in its queue, so two keep a model request in flight while the other round does Redis (on 2 cores, 2 beat 1 and 4 in bench cloud)"})
     ingest_batch_size: int = field(default=256, metadata={"doc": "most messages one ingest worker takes per round (one Redis round trip per step and one model request for all of them); 1 turns the ingest's batching off"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
     model_max_replicas: int = field(default=1, metadata={"doc": "replicas per model deployment: 1 = fixed; more = Serve autoscaling between 1 and this (on GPUs or many cores)"})
     max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: most requests (each with a round's windows) merged into one model call"})
-    batch_wait_timeout_s: float = field(default=0.01, metadata={"doc": "Serve dynamic batching: longest wait to fill a batch, in seconds"})
+    batch_wait_timeout_s: float = field(default=0.0, metadata={"doc": "Serve dynamic batching: longest wait to fill a batch, in seconds (0: merge only the requests already waiting; the ingest's rounds are batches already)"})
 
     def validate(self) -> None:
         if not 0.0 < self.off_threshold < 1.0:
