@@ -164,7 +164,10 @@ def measure(cloud: CloudConfig, settings: CloudBenchSettings, tracks: Tracks, de
     from soundfleet.services import free_port
 
     run_id = uuid.uuid4().hex[:8]
-    config = dataclasses.replace(cloud, key_prefix=f"sfbench:{run_id}:", http_port=free_port())
+    # no Home Assistant discovery: it would announce hundreds of simulated devices, retained, to
+    # whatever Home Assistant watches the broker (it runs on statuses only, off the frames' path)
+    config = dataclasses.replace(cloud, key_prefix=f"sfbench:{run_id}:", http_port=free_port(),
+                                 ha_discovery_prefix="")
     if not batching:
         config = dataclasses.replace(config, max_batch_size=1, ingest_batch_size=1)
     site = f"bench-{run_id}"

@@ -67,6 +67,15 @@ class Collector:
         return got
 
 
+def _node_subtree(topic: str) -> str:
+    """What a late reader of one node's configs subscribes to: that node's subtree under the
+    discovery prefix, e.g. ``homeassistant/event/soundfleet_<site>/#``. Not the whole prefix: a
+    shared broker may hold more retained configs than it queues for one subscriber (Mosquitto's
+    ``max_queued_messages``, 1000), and the one a test looks for could be left out."""
+    assert topic.startswith(f"{DEFAULT_PREFIX}/event/") and topic.endswith("/config"), topic
+    return topic.rsplit("/", 2)[0] + "/#"
+
+
 def _render(template: str, payload: bytes) -> str:
     """`template` as Home Assistant's MQTT integration renders it for one received payload."""
     sandbox = pytest.importorskip("jinja2.sandbox")
@@ -78,7 +87,7 @@ def _render(template: str, payload: bytes) -> str:
 def _announce(make_client, publisher: DiscoveryPublisher, site: str,
               status: wire.StatusMessage) -> tuple[str, dict]:
     """Announce via `publisher`, wait until the broker has it, return what a late subscriber
-    on `homeassistant/event/#` reads: (topic, config), after checking it was retained, QoS 1."""
+    of the node's subtree reads: (topic, config), after checking it was retained, QoS 1."""
     topic, _ = removal(site, DEVICE)
     watcher = Collector(make_client, topic)
     assert publisher.on_status(make_client(), site, DEVICE, status.to_dict()) is True
@@ -87,7 +96,7 @@ def _announce(make_client, publisher: DiscoveryPublisher, site: str,
     while sent not in [payload for payload, _, _ in watcher.on(topic)]:  # the broker has it
         assert time.monotonic() < deadline, "the config never reached the broker"
         time.sleep(0.05)
-    late = Collector(make_client, f"{DEFAULT_PREFIX}/event/#")
+    late = Collector(make_client, _node_subtree(topic))
     ((payload, retained, qos),) = late.wait_for(topic)
     assert payload == sent and retained and qos == 1
     return topic, json.loads(payload)
@@ -195,7 +204,7 @@ def test_removal_deletes_the_retained_config(mqtt_client_factory, clear_retained
     assert publisher.remove(mqtt_client_factory(), site, DEVICE) is True
     ((payload, _retained, _qos),) = watcher.wait_for(topic, 2)[1:]
     assert payload == b""
-    late = Collector(mqtt_client_factory, f"{DEFAULT_PREFIX}/event/#")
+    late = Collector(mqtt_client_factory, _node_subtree(topic))
     time.sleep(1.0)  # long enough for a retained message to arrive, if there were one
     assert late.on(topic) == []
     assert publisher.announced() == {}  # forgotten: the next online status announces again
@@ -312,7 +321,7 @@ def test_the_running_cloud_announces_each_device_and_its_events_fit_the_entity(
     agent.run(file_source(str(Path(__file__).parent / "fixtures" / "siren_street.wav"),
                           config.frames_per_message * HOP_SAMPLES))
 
-    late = Collector(mqtt_client_factory, f"{DEFAULT_PREFIX}/event/#")
+    late = Collector(mqtt_client_factory, _node_subtree(topic))
     ((payload, retained, _),) = late.wait_for(topic, timeout_s=30)
     entity = json.loads(payload)
     assert retained and validate_discovery(entity, topic=topic) == []
