@@ -41,6 +41,7 @@ FIND_MAX_STEPS = (50, 100, 200, 300, 500)
 DRAIN_TIMEOUT_S = 60.0  # at most this long after the fleet stops for the ingest to catch up
 DRAIN_IDLE_S = 15.0  # ... and give up sooner when nothing was accepted for this long
 WARMUP_MESSAGES = 3
+SETTLE_S = 5.0  # longest wait, once every frame is processed, for the last rounds' latency samples
 TARGETS: dict[str, float] = {  # SPEC section 3, cloud
     "streams": 500,  # at least, concurrent real-time device streams on 2 cores
     "p99_ms": 250,  # at most, ingest-to-classification latency
@@ -186,6 +187,8 @@ def measure(cloud: CloudConfig, settings: CloudBenchSettings, tracks: Tracks, de
                                              site=site, broker_url=config.broker_url,
                                              processes=settings.processes, burst_s=settings.burst_s), tracks)
         drain_s, drained = _drain(store, site, fleet, settings.drain_timeout_s)
+        if drained:
+            _settle(store, warm + fleet["messages_sent"])
         figures = _figures(store, site, fleet, warm)
         figures["ingest_queued_at_end"] = _ingest_queued()  # messages of any kind, in memory
         if profiler:
@@ -285,6 +288,16 @@ def _drain(store, site: str, fleet: dict, timeout_s: float) -> tuple[float, bool
                         accepted, fleet["frames_sent"], now - t0)
             return now - t0, False
         time.sleep(0.5)
+
+
+def _settle(store, samples: int, timeout_s: float = SETTLE_S) -> None:
+    """Wait (bounded) for the latency samples and counters of the last rounds: an ingest round
+    writes them after its commits, so the frames count in Redis runs a few ms ahead of them."""
+    from cloud.store import SAMPLES_MAXLEN
+
+    key, deadline = store.key("samples", "latency_ms"), time.monotonic() + timeout_s
+    while store.r.llen(key) < min(samples, SAMPLES_MAXLEN) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _figures(store, site: str, fleet: dict, warm_samples: int) -> dict[str, Any]:
