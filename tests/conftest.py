@@ -256,15 +256,38 @@ def clear_retained(mqtt_client_factory) -> Iterator[Callable[[str], None]]:
             client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
 
 
-# --- a broker a test can take away and bring back ---------------------------------------------
-class OwnMosquitto:
-    """A mosquitto on a free port that a test can stop and start again on the same port with the
-    same persistence, so persistent sessions and their queues survive the outage."""
+# --- servers a test can take away and bring back ------------------------------------------------
+class OwnServer:
+    """A server binary on a free port, with its data in ``workdir``, that a test can stop and
+    start again on the same port and data (subclasses give the command line and the URL)."""
 
     def __init__(self, workdir: Path, binary: str):
         self.binary = binary
         self.port = free_port()
         self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        with open(self.workdir / f"{Path(self.binary).name}.log", "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, 10, alive=lambda: self.process.poll() is None)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: both servers save their data first
+            self.process.wait(10)
+        self.process = None
+
+
+class OwnMosquitto(OwnServer):
+    """Mosquitto with persistence, so persistent sessions and their queues survive an outage."""
+
+    def __init__(self, workdir: Path, binary: str):
+        super().__init__(workdir, binary)
         self.config = workdir / "mosquitto.conf"
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
@@ -272,34 +295,59 @@ class OwnMosquitto:
             f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
             f"max_queued_messages 100000\n"
         )
-        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        with open(self.workdir / "mosquitto.log", "ab") as log:
-            self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", self.port, 10, alive=lambda: self.process.poll() is None)
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(self.config)]
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: mosquitto saves its sessions and queues
-            self.process.wait(10)
-        self.process = None
+
+class OwnRedis(OwnServer):
+    """redis-server with an append-only file fsynced on every write, so a restart keeps everything
+    (as a production Redis for soundfleet should be set up)."""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+
+
+def _own_server(cls: type[OwnServer], binary_name: str, workdir: Path) -> Iterator[OwnServer]:
+    binary = find_server_binary(binary_name)
+    if binary is None:
+        pytest.skip(f"needs the {binary_name} binary to take the server away and bring it back")
+    workdir.mkdir()
+    server = cls(workdir, binary)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
 def own_mosquitto(tmp_path) -> Iterator[OwnMosquitto]:
     """A started `OwnMosquitto`; skips where there is no mosquitto binary."""
-    binary = find_server_binary("mosquitto")
-    if binary is None:
-        pytest.skip("needs the mosquitto binary to take a broker away and bring it back")
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    broker = OwnMosquitto(workdir, binary)
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from _own_server(OwnMosquitto, "mosquitto", tmp_path / "broker")
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[OwnRedis]:
+    """A started `OwnRedis`; skips where there is no redis-server binary."""
+    yield from _own_server(OwnRedis, "redis-server", tmp_path / "redis")
+
+
+@pytest.fixture
+def device_id(request, clear_retained) -> Callable[[str], str]:
+    """``make(prefix)``: a fresh device id under the test module's ``SITE``, whose retained status
+    is removed from the shared broker afterwards."""
+    from shared_models import wire
+
+    def make(prefix: str) -> str:
+        device = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        clear_retained(wire.status_topic(request.module.SITE, device))
+        return device
+    return make

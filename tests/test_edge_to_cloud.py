@@ -36,16 +36,6 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what() if callable(what) else what}")
 
 
-@pytest.fixture
-def device_id(clear_retained):
-    """A fresh device id whose retained status is removed from the shared broker afterwards."""
-    def make(prefix: str) -> str:
-        device = f"{prefix}-{uuid.uuid4().hex[:6]}"
-        clear_retained(wire.status_topic(SITE, device))
-        return device
-    return make
-
-
 def _stream_wav(mqtt_url: str, device: str, wav: Path, state_dir: Path) -> EdgeAgent:
     config = EdgeConfig(broker_url=mqtt_url, site=SITE, device=device, realtime=False)
     agent = EdgeAgent(config, state_dir=state_dir)

@@ -39,16 +39,6 @@ ROUTES = ["/healthz", "/readyz", "/v1/devices", "/v1/events", "/v1/events/stream
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-@pytest.fixture
-def device_id(clear_retained):
-    """A fresh device id whose retained status is removed from the shared broker afterwards."""
-    def make(prefix: str) -> str:
-        device = f"{prefix}-{uuid.uuid4().hex[:6]}"
-        clear_retained(wire.status_topic(SITE, device))
-        return device
-    return make
-
-
 def _stream_wav(mqtt_url: str, device: str, wav: Path, state_dir: Path) -> EdgeAgent:
     config = EdgeConfig(broker_url=mqtt_url, site=SITE, device=device, realtime=False)
     agent = EdgeAgent(config, state_dir=state_dir / device)

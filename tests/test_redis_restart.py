@@ -1,7 +1,7 @@
 """The cloud across a Redis restart: frames wait, none is lost or processed twice.
 
-A redis-server owned by the test (append-only file with fsync on every write, so a
-restart keeps everything, as a production Redis for soundfleet should be set up)
+A redis-server owned by the test (`OwnRedis` in conftest: append-only file with fsync on
+every write, so a restart keeps everything, as a production Redis for soundfleet should be set up)
 backs a second Serve app on the real broker. Frames stream in; Redis is stopped
 mid-stream and started again on the same port and data. The ingest's rounds fail
 meanwhile and are run again (accept is idempotent, the commit fenced), so every
@@ -11,48 +11,19 @@ for it (its health check does not depend on Redis).
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shared_models import bundle, wire
-from soundfleet.services import find_server_binary, free_port, wait_for_port
 
 FRAMES = 4  # per message; 36 messages = 144 frames, within the 160-frame context
 MESSAGES = 36
 DEVICES = 3
 DOWN_AFTER = 12  # messages per device sent before Redis goes away
 DOWN_S = 4.0
-
-
-class OwnRedis:
-    """A redis-server on a free port whose data survives a stop and start (AOF, fsync always)."""
-
-    def __init__(self, workdir: Path, binary: str):
-        self.binary, self.workdir, self.port = binary, workdir, free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        with open(self.workdir / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                 "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", self.port, 10, alive=lambda: self.process.poll() is None)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
 
 
 def _message(codebook_id: int, seq: int) -> bytes:
@@ -63,18 +34,14 @@ def _message(codebook_id: int, seq: int) -> bytes:
 
 @pytest.mark.slow
 def test_frames_wait_out_a_redis_restart_and_are_processed_once_in_order(cloud_app, mqtt_url,
-                                                                        mqtt_client_factory, tmp_path):
+                                                                        mqtt_client_factory, own_redis):
     from ray import serve
 
     from cloud.app import build_app
     from cloud.store import CloudStore
     from soundfleet.config import CloudConfig
 
-    binary = find_server_binary("redis-server")
-    if binary is None:
-        pytest.skip("needs the redis-server binary to take Redis away and bring it back")
-    redis = OwnRedis(tmp_path, binary)
-    redis.start()
+    redis = own_redis
     config = CloudConfig(broker_url=mqtt_url, redis_url=redis.url, key_prefix="test:restart:",
                          ha_discovery_prefix="")
     app = f"sf-redis-restart-{uuid.uuid4().hex[:6]}"
@@ -119,4 +86,3 @@ def test_frames_wait_out_a_redis_restart_and_are_processed_once_in_order(cloud_a
         assert stats["workers_alive"] == config.ingest_workers
     finally:
         serve.delete(app)
-        redis.stop()
