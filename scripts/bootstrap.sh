@@ -1,5 +1,5 @@
-# Sourced by scripts/demo and scripts/test: make .venv with everything the project needs.
-# Re-installs only when pyproject.toml changed since the last install.
+# Sourced by scripts/demo and scripts/test: make .venv from the lock (requirements/dev.txt).
+# Does nothing when .venv already is that lock; scripts/deps.py says what it does, one line a stage.
 set -euo pipefail
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
@@ -13,15 +13,4 @@ if [ -z "$PY" ]; then
   echo "soundfleet needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
   exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
-  echo "creating .venv with $PY" >&2
-  "$PY" -m venv .venv
-fi
-stamp=.venv/.soundfleet-installed
-want="$(sha256sum pyproject.toml | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "installing soundfleet[dev] into .venv (torch, ray, onnxruntime, ...; first time takes a few minutes)" >&2
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
-  echo "$want" > "$stamp"
-fi
+"$PY" scripts/deps.py install dev --venv .venv

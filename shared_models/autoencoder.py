@@ -39,9 +39,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchaudio.functional as AF
 
 from shared_models.constants import EMBEDDING_DIM, PATCH_SAMPLES, SAMPLE_RATE_HZ
+from shared_models.torch_pair import torchaudio_functional
+
+AF = torchaudio_functional()  # torchaudio's functional API, once torch and torchaudio are one release
 
 LOG_MEL_FLOOR = 1e-6
 """Added to the mel power before the natural log: digital silence maps to log(1e-6), about -13.8

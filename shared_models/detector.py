@@ -16,7 +16,6 @@ from shared_models import bundle
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
 
-
 LM_CHUNK = 16  # contexts per code LM pass in lm_window_states
 
 

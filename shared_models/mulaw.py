@@ -14,7 +14,10 @@ so silence (0.0) encodes to class 128 and decodes to about 8.5e-5.
 from __future__ import annotations
 
 import torch
-import torchaudio.functional as AF
+
+from shared_models.torch_pair import torchaudio_functional
+
+AF = torchaudio_functional()  # torchaudio's functional API, once torch and torchaudio are one release
 
 MU_LAW_CLASSES = 256
 """8-bit mu-law: mu = 255, one class per code."""

@@ -89,6 +89,18 @@ def _redis_version(url: str) -> str:
         return str(client.info("server").get("redis_version", "?"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A torchaudio of another release than torch fails every module that imports it, as many
+    # collection errors naming a .so file: stop once, naming both versions and the fix.
+    if importlib.util.find_spec("torchaudio") is not None:
+        from shared_models.torch_pair import TorchPairError, check_torch_pair
+
+        try:
+            check_torch_pair()
+        except TorchPairError as err:
+            raise pytest.UsageError(str(err)) from None
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     # The edge-only environment (test_edge_only_venv.py) has no redis-py to probe with.
     redis = redis_plan().description if importlib.util.find_spec("redis") else "none (no redis-py)"

@@ -1,9 +1,11 @@
 """The edge agent installs and runs with only the `edge` extra: no torch, no ray.
 
-Builds a fresh virtual environment, installs `soundfleet[edge]` into it from
-this checkout, and streams a WAV through the real broker from there. Then adds
-the test tools (no torch, ray, redis or amqtt) and runs the agent's own tests
-in that environment, against this session's broker.
+Builds a fresh virtual environment the way a device is installed, from the
+edge lock (`scripts/deps.py install edge`: requirements/edge.txt, then this
+checkout without dependencies), and streams a WAV through the real broker from
+there. Then adds the test tools from the edge-test lock (no torch, ray, redis
+or amqtt) and runs the agent's own tests in that environment, against this
+session's broker.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from shared_models import wire
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "siren_street.wav"
 HEAVY_MODULES = ("torch", "torchaudio", "ray", "redis", "amqtt")  # the cloud's, never the edge's
-TEST_TOOLS = ("pytest", "pytest-timeout", "hypothesis")  # versions from the dev extra
 EDGE_TESTS = [  # the tests of edge code that need nothing beyond the edge extra
     "tests/test_edge_isolation.py",
     "tests/test_edge_sources.py",
@@ -42,11 +42,15 @@ PROGRESS_LINE = re.compile(r"[.sxXFE]+\s+\[\s*\d+%\]$")  # -q's dots, left out o
 @pytest.fixture(scope="module")
 def edge_venv(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("edge-venv")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    result = subprocess.run([*pip, f"{REPO}[edge]"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    install_lock(venv, "edge")
     return venv
+
+
+def install_lock(venv: Path, name: str) -> None:
+    """What a device runs: requirements/<name>.txt by hash, then soundfleet itself (a copy)."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "deps.py"), "install", name, "--venv", str(venv)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def edge_env(venv: Path, **extra: str) -> dict[str, str]:
@@ -65,14 +69,6 @@ def importable(venv: Path, modules: tuple[str, ...]) -> list[str]:
     result = subprocess.run([str(venv / "bin" / "python"), "-c", code, *modules], capture_output=True,
                             text=True, cwd=REPO, env=edge_env(venv), check=True)
     return result.stdout.split()
-
-
-def dev_requirements(names: tuple[str, ...]) -> list[str]:
-    """The dev extra's requirements for ``names``, so the versions are written in one place."""
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    dev = pyproject["project"]["optional-dependencies"]["dev"]
-    by_name = {re.match(r"[A-Za-z0-9_.-]+", r).group().lower(): r for r in dev}
-    return [by_name[name] for name in names]
 
 
 @pytest.mark.slow
@@ -109,9 +105,7 @@ def test_edge_only_agent_streams_a_wav_to_the_real_broker(edge_venv, mqtt_url, m
 @pytest.mark.slow
 def test_edge_tests_pass_with_only_the_edge_extra(edge_venv, mqtt_url, capsys):
     python = str(edge_venv / "bin" / "python")
-    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    result = subprocess.run([*pip, *dev_requirements(TEST_TOOLS)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    install_lock(edge_venv, "edge-test")
     assert importable(edge_venv, HEAVY_MODULES) == [], "the test tools brought in cloud packages"
 
     # pyproject's asyncio_* options belong to pytest-asyncio, which no edge test needs.
