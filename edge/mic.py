@@ -79,7 +79,8 @@ def _import_sounddevice() -> Any:
         raise SourceError(PORTAUDIO_HINT) from None
     except ImportError:
         raise SourceError(
-            "the sounddevice package is not installed: python3.11 scripts/deps.py install edge (or pip install sounddevice)"
+            "the sounddevice package is not installed: python3.11 scripts/deps.py install edge "
+            "(or pip install sounddevice)"
         ) from None
     return sounddevice
 

@@ -1,4 +1,4 @@
-"""The edge agent installs and runs with only the `edge` extra: no torch, no ray.
+"""The edge agent installs from the edge lock alone and runs: no torch, no ray.
 
 Builds a fresh virtual environment the way a device is installed, from the
 edge lock (`scripts/deps.py install edge`: requirements/edge.txt, then this
