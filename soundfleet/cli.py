@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--clip-seconds", type=float, default=10.0, help="length of each clip in seconds (default 10)")
     _add_common(synth)
+    real = data_sub.add_parser("real", help="build the real-audio corpus from Debian packages (train/test split by package)", description="Fetch the Debian packages named in training/real_sources.toml (apt-get download, into --cache; a cache filled by hand works offline), decode the chosen files, drop repeated recordings by audio fingerprint, cut them into clips at 16 kHz and write OUT/{train,test}/<label or _none>/*.wav with manifest.csv (package, version, file, licence, sha256 per clip), the packages' copyright files, corpus.json and README.md. Deterministic for the same .deb files.")
+    real.add_argument("--out", required=True, type=Path, help="output directory (new or empty)")
+    real.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "soundfleet" / "debian", help="folder of downloaded .deb files (default ~/.cache/soundfleet/debian)")
+    real.add_argument("--packages", type=lambda s: [p for p in s.split(",") if p], default=None, metavar="A,B", help="only these packages of the catalogue")
+    real.add_argument("--catalogue", type=Path, default=None, help="the catalogue TOML (default training/real_sources.toml)")
+    real.add_argument("--max-clip-seconds", type=float, default=10.0, help="longer files are cut into clips of this length (default 10)")
+    real.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(real)
 
     train = sub.add_parser("train", help="train every model with Ray Train and export a bundle", description="Train front end -> codebook -> code Transformer -> classifier through Ray Train, then export edge ONNX + cloud bundle.")
     train.add_argument("--data", required=True, type=Path, help="corpus directory (from `soundfleet data synth`)")
@@ -173,10 +181,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _data(args, config) -> int:
+    if args.data_command == "real":
+        return _data_real(args)
     from training.corpus import synthesize_corpus
 
     manifest = synthesize_corpus(args.out, minutes=args.minutes, seed=args.seed, clip_seconds=args.clip_seconds)
     log.info("corpus written to %s: %d clips, sha256 %s", args.out, manifest["n_clips"], manifest["data_sha256"][:16])
+    return 0
+
+
+def _data_real(args) -> int:
+    from training.debian_audio import DebianError
+    from training.real_corpus import CATALOGUE, RealCorpusError, build_real_corpus
+
+    try:
+        summary = build_real_corpus(args.out, args.cache, args.catalogue or CATALOGUE, args.packages,
+                                    args.max_clip_seconds, progress=not args.no_progress)
+    except (RealCorpusError, DebianError) as exc:
+        log.error("%s", exc)
+        return 1
+    minutes = {s: sum(v["minutes"] for v in t.values()) for s, t in summary["totals"].items()}
+    log.info("real corpus written to %s: %d clips from %d packages (train %.1f min, test %.1f min); left out: %s",
+             args.out, summary["clips"], len(summary["packages"]), minutes["train"], minutes["test"],
+             summary["skipped"] or "nothing")
     return 0
 
 

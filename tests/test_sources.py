@@ -110,6 +110,19 @@ def test_labelled_folders_give_weak_whole_clip_labels(tmp_path):
         assert by_name[name].events == [ClipEvent(label, 0.0, by_name[name].duration_s)]
 
 
+def test_clips_in_the_none_folder_are_negatives_with_no_label(tmp_path):
+    root = tmp_path / "folders"
+    tone(root / "siren" / "a.wav", seconds=0.5, rate_hz=8_000)
+    tone(root / "_none" / "rain.wav", seconds=0.7, rate_hz=16_000)
+    ds = load_dataset(root)
+    assert ds.labels == ("siren",)
+    assert {c.wav_path.name: c.events for c in ds.clips}["rain.wav"] == []
+    only_negatives = tmp_path / "negatives"
+    tone(only_negatives / "_none" / "rain.wav", seconds=0.7, rate_hz=16_000)
+    with pytest.raises(DatasetError, match="no sub-folder holds .wav files"):
+        load_dataset(only_negatives, layout="folders")
+
+
 def test_esc50_layout_labels_durations_and_fold_selection(tmp_path):
     root = make_esc50(tmp_path / "ESC-50-master")
     ds = load_dataset(root)

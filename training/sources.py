@@ -161,16 +161,22 @@ def _label_folders(root: Path) -> list[Path]:
     return [d for d in subdirs if _wavs(d)]
 
 
+NONE_FOLDER = "_none"
+"""In the folders layout, the folder of clips that are none of the labels (background, confusers)."""
+
+
 def load_folders(root: Path) -> Dataset:
-    """``ROOT/<label>/*.wav``: the folder name is the label of the whole clip (weak labels)."""
+    """``ROOT/<label>/*.wav``: the folder name is the label of the whole clip (weak labels);
+    clips in ``ROOT/_none/`` have no label (negatives)."""
     folders = _label_folders(root)
-    if not folders:
+    if not [f for f in folders if f.name != NONE_FOLDER]:
         raise DatasetError(f"{root}: no sub-folder holds .wav files (expected ROOT/<label>/*.wav)")
     clips = []
     for folder in folders:
+        labels_here = [] if folder.name == NONE_FOLDER else [folder.name]
         for wav in _wavs(folder):
-            clips.append(_weak_clip(wav, [folder.name], where=str(wav)))
-    labels = tuple(sorted(f.name for f in folders))
+            clips.append(_weak_clip(wav, labels_here, where=str(wav)))
+    labels = tuple(sorted(f.name for f in folders if f.name != NONE_FOLDER))
     return Dataset(clips, labels, root.name, _hash_files(root, [], [c.wav_path for c in clips]))
 
 

@@ -1,0 +1,223 @@
+"""`soundfleet data real`: Debian packages -> a source-split, deduplicated, documented corpus.
+
+The packages here are real .deb files built by `dpkg-deb --build` (xz, gzip and zstd
+data archives) around audio of several rates, channel counts and formats, so the whole
+path runs: ar archive, data tar, links, decoding, resampling, fingerprints, cutting,
+the manifest and the folders layout that training reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from edge.resample import resample
+from shared_models.wavio import read_wav, read_wav_info
+from soundfleet.cli import main
+from training.debian_audio import DebianError, PackageFiles, fetch_deb
+from training.real_corpus import (
+    RESERVED_PACKAGES,
+    RealCorpusError,
+    build_real_corpus,
+    load_catalogue,
+)
+from training.sources import load_dataset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SOUNDS = "usr/share/sounds/demo"
+pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs Debian's dpkg-deb")
+
+
+def make_deb(cache: Path, name: str, files: dict[str, bytes], compression: str = "xz",
+             links: dict[str, str] | None = None, licence: str = "CC0-1.0") -> Path:
+    """A real .deb holding ``files`` (path -> bytes) and a DEP-5 copyright file."""
+    root = cache / f"build-{name}"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: 1.2-3\nArchitecture: all\nMaintainer: t <t@example.org>\n"
+        "Description: test sounds\n")
+    doc = root / "usr" / "share" / "doc" / name
+    doc.mkdir(parents=True)
+    (doc / "copyright").write_text(f"Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+                                   f"Files: *\nLicense: {licence}\n")
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    for path, target in (links or {}).items():
+        (root / path).symlink_to(target)
+    deb = cache / f"{name}_1.2-3_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", f"-Z{compression}", "--build", str(root), str(deb)],
+                   check=True, capture_output=True)
+    shutil.rmtree(root)
+    return deb
+
+
+def encoded(audio: np.ndarray, rate_hz: int, fmt: str, channels: int = 1) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    data = np.repeat(audio[:, None], channels, axis=1) if channels > 1 else audio
+    soundfile.write(buffer, data, rate_hz, format=fmt, subtype="VORBIS" if fmt == "OGG" else "PCM_16")
+    return buffer.getvalue()
+
+
+def tone_bursts(seconds: float, rate_hz: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate_hz)) / rate_hz
+    gate = (np.sin(2 * np.pi * 1.3 * t) > 0).astype(np.float32)
+    return (0.4 * gate * np.sin(2 * np.pi * rng.uniform(300, 900) * t) + 0.01 * rng.standard_normal(t.size)
+            ).astype(np.float32)
+
+
+CATALOGUE_TOML = """
+[[package]]
+name = "sf-test-barks"
+split = "train"
+licence = "CC0-1.0"
+rules = [
+  { glob = "usr/share/sounds/demo/dog*", label = "dog_bark" },
+  { glob = "usr/share/sounds/demo/street*", role = "background" },
+  { glob = "usr/share/sounds/demo/*", role = "confuser" },
+]
+
+[[package]]
+name = "sf-test-heldout"
+split = "test"
+licence = "GPL-2+"
+rules = [
+  { glob = "usr/share/sounds/other/bark*", label = "dog_bark" },
+  { glob = "usr/share/sounds/other/horn*", label = "car_horn" },
+  { glob = "usr/share/sounds/never/*", role = "background" },
+]
+"""
+
+
+@pytest.fixture
+def packages(tmp_path) -> tuple[Path, Path]:
+    """A catalogue and a cache of two packages: one train, one test."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    siren, rate = read_wav(FIXTURES / "siren_street.wav")
+    bark = tone_bursts(1.5, 22_050, seed=1)
+    make_deb(cache, "sf-test-barks", {
+        f"{SOUNDS}/dog1.wav": encoded(bark, 22_050, "WAV", channels=2),
+        f"{SOUNDS}/dog2.ogg": encoded(tone_bursts(2.0, 44_100, seed=2), 44_100, "OGG"),
+        f"{SOUNDS}/street.flac": encoded(np.tile(siren, 3), rate, "FLAC"),  # 24 s: 10 + 10 + 4
+        f"{SOUNDS}/silence.wav": encoded(np.zeros(8000, np.float32), 16_000, "WAV"),
+        f"{SOUNDS}/broken.wav": b"RIFF\x10\x00\x00\x00WAVEnot really",
+        f"{SOUNDS}/notes.txt": b"not audio",
+    }, links={f"{SOUNDS}/dogz-link.wav": "dog1.wav"})  # a link: the same recording twice
+    make_deb(cache, "sf-test-heldout", {
+        "usr/share/sounds/other/bark-copy.wav": encoded(resample(bark, 22_050, 11_025), 11_025, "WAV"),  # resampled
+        "usr/share/sounds/other/horn.wav": encoded(tone_bursts(3.0, 8_000, seed=3), 8_000, "WAV"),
+    }, compression="gzip")
+    catalogue = tmp_path / "real_sources.toml"
+    catalogue.write_text(CATALOGUE_TOML)
+    return catalogue, cache
+
+
+def test_a_build_writes_the_source_split_folders_layout_with_provenance(packages, tmp_path):
+    catalogue, cache = packages
+    out = tmp_path / "real"
+    summary = build_real_corpus(out, cache, catalogue, progress=False)
+
+    train, test = load_dataset(out / "train"), load_dataset(out / "test")
+    assert train.labels == ("dog_bark",) and test.labels == ("car_horn",)
+    by_name = {c.wav_path.name.split("__")[1].rsplit("-", 1)[0]: c for c in train.clips}
+    assert [e.label for e in by_name["demo-dog1"].events] == ["dog_bark"]
+    negatives = [c for c in train.clips if c.wav_path.parent.name == "_none"]
+    assert len(negatives) == 3 and all(c.events == [] for c in negatives)  # street.flac cut in 3
+    assert sorted(round(c.duration_s) for c in negatives) == [4, 10, 10]
+
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert len(rows) == summary["clips"] == len(train.clips) + len(test.clips)
+    for row in rows:
+        wav = out / row["clip"]
+        assert hashlib.sha256(wav.read_bytes()).hexdigest() == row["sha256"]
+        assert read_wav_info(wav).sample_rate_hz == 16_000
+        assert row["package_version"] == "1.2-3"
+        assert row["split"] == wav.relative_to(out).parts[0]
+    dog1 = next(r for r in rows if r["member"].endswith("dog1.wav"))
+    assert (dog1["original_rate_hz"], dog1["original_channels"], dog1["licence"]) == ("22050", "2", "CC0-1.0")
+    assert {r["licence"] for r in rows if r["split"] == "test"} == {"GPL-2+"}
+
+    skipped = summary["skipped"]
+    assert skipped == {"cannot decode": 1, "duplicate recording": 2, "not an audio file": 1, "silent clip": 1}
+    left_out = {d["left_out"].split(":")[1]: d["same_as"].split(":")[1] for d in summary["duplicates"]}
+    assert left_out == {f"{SOUNDS}/dogz-link.wav": f"{SOUNDS}/dog1.wav",
+                        "usr/share/sounds/other/bark-copy.wav": f"{SOUNDS}/dog1.wav"}  # test never holds a train recording
+    assert summary["rules_matching_nothing"] == ["sf-test-heldout: usr/share/sounds/never/*"]
+    assert "CC0-1.0" in (out / "licences" / "sf-test-barks.copyright").read_text()
+    readme = (out / "README.md").read_text()
+    assert "| dog_bark | 2 |" in readme and "| GPL-2+ | 1 |" in readme
+
+
+def test_the_same_debs_give_the_same_bytes(packages, tmp_path):
+    catalogue, cache = packages
+    first = build_real_corpus(tmp_path / "a", cache, catalogue, progress=False)
+    second = build_real_corpus(tmp_path / "b", cache, catalogue, progress=False)
+    assert first == second
+    assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
+    assert load_dataset(tmp_path / "a" / "train").data_sha256 == load_dataset(tmp_path / "b" / "train").data_sha256
+
+
+def test_the_command_line_builds_and_reports(packages, tmp_path, capsys):
+    catalogue, cache = packages
+    out = tmp_path / "cli"
+    assert main(["data", "real", "--out", str(out), "--cache", str(cache), "--catalogue", str(catalogue),
+                 "--packages", "sf-test-heldout", "--no-progress"]) == 0
+    assert json.loads((out / "corpus.json").read_text())["packages"].keys() == {"sf-test-heldout"}
+    assert main(["data", "real", "--out", str(out), "--cache", str(cache), "--catalogue", str(catalogue)]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_a_zstd_package_is_read_too(tmp_path):
+    make_deb(tmp_path, "sf-test-zstd", {f"{SOUNDS}/a.wav": encoded(tone_bursts(1.0, 16_000, 4), 16_000, "WAV")},
+             compression="zstd")
+    files = PackageFiles(fetch_deb("sf-test-zstd", tmp_path))
+    assert files.matching(f"{SOUNDS}/*") == [f"{SOUNDS}/a.wav"]
+    assert files.read(f"{SOUNDS}/a.wav").startswith(b"RIFF")
+
+
+def test_a_package_that_cannot_be_fetched_is_named(tmp_path):
+    with pytest.raises(DebianError, match="soundfleet-no-such-package-xyz"):
+        fetch_deb("soundfleet-no-such-package-xyz", tmp_path)
+
+
+def test_a_file_that_is_not_a_package_is_refused(tmp_path):
+    (tmp_path / "fake_1.0_all.deb").write_bytes(b"PK\x03\x04 a zip, not a deb")
+    with pytest.raises(DebianError, match="not a Debian package"):
+        PackageFiles(fetch_deb("fake", tmp_path))
+
+
+@pytest.mark.parametrize("reserved", sorted(RESERVED_PACKAGES))
+def test_the_reserved_evaluation_packages_are_refused(tmp_path, reserved):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[package]]\nname = "{reserved}"\nsplit = "train"\nlicence = "x"\n'
+                    'rules = [{ glob = "*", role = "background" }]\n')
+    with pytest.raises(RealCorpusError, match="reserved for the independent evaluation"):
+        load_catalogue(path)
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ('split = "dev"\nlicence = "x"\nrules = [{ glob = "*", role = "background" }]', "split must be one of"),
+    ('split = "train"\nrules = [{ glob = "*", role = "background" }]', "licence is required"),
+    ('split = "train"\nlicence = "x"\nrules = [{ glob = "*", label = "cat" }]', "unknown label 'cat'; known: siren"),
+    ('split = "train"\nlicence = "x"\nrules = [{ glob = "*", label = "siren", role = "background" }]',
+     "exactly one of label / role"),
+    ('split = "train"\nlicence = "x"\nrules = []', "non-empty list"),
+    ('split = "train"\nlicence = "x"\nurl = "y"\nrules = [{ glob = "*", role = "background" }]', "unknown keys"),
+])
+def test_a_bad_catalogue_entry_is_named(tmp_path, entry, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[package]]\nname = "p"\n{entry}\n')
+    with pytest.raises(RealCorpusError, match=message):
+        load_catalogue(path)
