@@ -268,7 +268,7 @@ def build_app(config: CloudConfig, event_settings: dict | None = None):
     out in a few chunks) plus two full batches, so a batch can form while the previous one runs
     (Serve's default of 5 would cap every batch at 5, and its router backs off at the cap).
     ``event_settings``
-    is the ingest's Serve ``user_config`` (event-logic knobs, see `cloud.ingest.EVENT_KNOBS`).
+    is the ingest's Serve ``user_config`` (event-logic knobs, see `cloud.events.EVENT_KNOBS`).
     Changing only it in the config of `serve deploy` (infra/serve.yaml) is a lightweight update:
     Serve calls ``Ingest.reconfigure`` on the running replicas instead of replacing them."""
     bundle_dir = str(Path(config.bundle_dir) if config.bundle_dir else bundle.default_bundle_dir())

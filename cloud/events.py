@@ -9,12 +9,20 @@ An event starts after ``min_windows`` consecutive windows score at least
 it (so the pauses of a T3 smoke alarm do not split one alarm into three), and
 is emitted, with its start and end, when it closes. After it closes the same label cannot
 start again on that device for ``cooldown_ns``.
+
+``label_policies`` is the one place a label's settings come from (the bundle's calibrated
+thresholds, then the config, then the live Serve ``user_config``): the ingest, ``/v1/classify``
+and ``soundfleet eval`` all call it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from soundfleet.config import CloudConfig
 
 
 @dataclass(frozen=True)
@@ -88,3 +96,40 @@ def close(state: LabelState, policy: EventPolicy) -> ClosedEvent | None:
     state.active, state.streak, state.misses = False, 0, 0
     state.cooldown_until_ns = state.end_ns + policy.cooldown_ns
     return event
+
+
+# ---- the settings of every label, from the bundle, the config and the live user_config ----
+
+EVENT_KNOBS = ("on_threshold", "off_threshold", "min_windows", "hold_windows", "cooldown_s")
+
+
+def label_policies(config: CloudConfig, manifest: dict, live: dict | None = None) -> dict[str, EventPolicy]:
+    """One policy per label of the bundle.
+
+    Precedence: the bundle's calibrated per-label thresholds, then the config's, then ``live``
+    (the deployment's Serve ``user_config``, changeable at runtime), whose ``on_threshold`` may
+    be one number or ``{label: number}``. Unknown knobs or labels are a ValueError."""
+    live = dict(live or {})
+    unknown = sorted(set(live) - set(EVENT_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown event-logic settings {unknown}; known: {', '.join(EVENT_KNOBS)}")
+    live_on = live.get("on_threshold")
+    if isinstance(live_on, dict) and (bad := sorted(set(live_on) - set(manifest["labels"]))):
+        raise ValueError(f"on_threshold for unknown labels {bad}; the bundle's labels: {manifest['labels']}")
+    policies = {}
+    for label in manifest["labels"]:
+        on = config.on_threshold if config.on_threshold is not None else manifest.get("thresholds", {}).get(label, 0.5)
+        if live_on is not None:
+            on = live_on.get(label, on) if isinstance(live_on, dict) else live_on
+        off = live.get("off_threshold", config.off_threshold)
+        policy = EventPolicy(
+            on_threshold=float(on),
+            off_threshold=min(float(off), float(on)),
+            min_windows=int(live.get("min_windows", config.min_windows)),
+            hold_windows=int(live.get("hold_windows", config.hold_windows)),
+            cooldown_ns=int(float(live.get("cooldown_s", config.cooldown_s)) * 1e9),
+        )
+        if not 0 < policy.off_threshold <= policy.on_threshold < 1 or policy.min_windows < 1 or policy.hold_windows < 0:
+            raise ValueError(f"bad event-logic settings for {label}: {policy}")
+        policies[label] = policy
+    return policies

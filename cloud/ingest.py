@@ -30,9 +30,9 @@ import paho.mqtt.client as mqtt
 import redis
 from ray import serve
 
-from cloud import events as event_logic
 from cloud.archive import ArchiveWriter
 from cloud.device_log import DeviceLog, Lease
+from cloud.events import label_policies
 from cloud.homeassistant import DiscoveryPublisher
 from cloud.pipeline import DeviceKey, Drain, Inbound, Pipeline
 from cloud.store import CloudStore
@@ -50,41 +50,6 @@ log = logging.getLogger(__name__)
 
 SWEEP_S = 1.0  # how often a replica looks for work a dead replica left behind
 REDIS_RETRY_S = 1.0  # wait before running a round again after a Redis error
-
-
-EVENT_KNOBS = ("on_threshold", "off_threshold", "min_windows", "hold_windows", "cooldown_s")
-
-
-def label_policies(config: CloudConfig, manifest: dict, live: dict | None = None) -> dict[str, event_logic.EventPolicy]:
-    """One policy per label of the bundle.
-
-    Precedence: the bundle's calibrated per-label thresholds, then the config's, then ``live``
-    (the deployment's Serve ``user_config``, changeable at runtime), whose ``on_threshold`` may
-    be one number or ``{label: number}``. Unknown knobs or labels are a ValueError."""
-    live = dict(live or {})
-    unknown = sorted(set(live) - set(EVENT_KNOBS))
-    if unknown:
-        raise ValueError(f"unknown event-logic settings {unknown}; known: {', '.join(EVENT_KNOBS)}")
-    live_on = live.get("on_threshold")
-    if isinstance(live_on, dict) and (bad := sorted(set(live_on) - set(manifest["labels"]))):
-        raise ValueError(f"on_threshold for unknown labels {bad}; the bundle's labels: {manifest['labels']}")
-    policies = {}
-    for label in manifest["labels"]:
-        on = config.on_threshold if config.on_threshold is not None else manifest.get("thresholds", {}).get(label, 0.5)
-        if live_on is not None:
-            on = live_on.get(label, on) if isinstance(live_on, dict) else live_on
-        off = live.get("off_threshold", config.off_threshold)
-        policy = event_logic.EventPolicy(
-            on_threshold=float(on),
-            off_threshold=min(float(off), float(on)),
-            min_windows=int(live.get("min_windows", config.min_windows)),
-            hold_windows=int(live.get("hold_windows", config.hold_windows)),
-            cooldown_ns=int(float(live.get("cooldown_s", config.cooldown_s)) * 1e9),
-        )
-        if not 0 < policy.off_threshold <= policy.on_threshold < 1 or policy.min_windows < 1 or policy.hold_windows < 0:
-            raise ValueError(f"bad event-logic settings for {label}: {policy}")
-        policies[label] = policy
-    return policies
 
 
 @serve.deployment(num_replicas=1)

@@ -247,7 +247,7 @@ def _eval(args, config) -> int:
     from training.sources import DatasetError
 
     try:
-        report = evaluate_bundle(args.models or default_bundle_dir(), args.data)
+        report = evaluate_bundle(args.models or default_bundle_dir(), args.data, config.cloud)
     except (BundleError, DatasetError, EvalError) as exc:
         log.error("%s", exc)
         return 1

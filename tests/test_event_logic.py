@@ -67,7 +67,7 @@ def test_close_flushes_an_active_event_and_state_round_trips():
 def test_live_user_config_overrides_thresholds_per_label_and_rejects_unknowns():
     import pytest
 
-    from cloud.ingest import label_policies
+    from cloud.events import label_policies
     from shared_models import bundle
     from soundfleet.config import CloudConfig
 
@@ -91,7 +91,7 @@ def test_serve_yaml_args_and_live_event_settings_are_valid():
 
     import yaml
 
-    from cloud.ingest import label_policies
+    from cloud.events import label_policies
     from shared_models import bundle
     from soundfleet.config import CloudConfig
 
