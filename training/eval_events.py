@@ -9,6 +9,8 @@ codes -> the windows the ingest forms, one per second with its code LM context
 - A clip that carries label X is *detected* when an event of X is raised in it:
   recall per label is over clips.
 - Any event of a label a clip does not carry is a *false event*.
+- A clip shorter than one classifier window (a 0.4 s bark) is padded with digital silence
+  to one window, as if the device had heard nothing around it, and counted as padded.
 - The *negative pool* is what must stay quiet: clips with no label, and speech clips
   for every label but speech. ``false_events_per_24h`` is the pool's false events
   per 24 h of its audio: the product's first metric.
@@ -57,15 +59,16 @@ def event_metrics(clips: Iterable[Clip], labels: tuple[str, ...], policies: dict
     false_by_label = Counter()
     pool_false = Counter()
     pool_s = 0.0
-    too_short = 0
+    padded = 0
     for clip in clips:
         audio, rate = read_wav(clip.wav_path)
         if rate != SAMPLE_RATE_HZ:
             audio = resample(audio, rate, SAMPLE_RATE_HZ)
+        heard_s = len(audio) / SAMPLE_RATE_HZ  # padding is not listening time
+        if len(audio) < window * PATCH_SAMPLES:
+            audio = np.concatenate([audio, np.zeros(window * PATCH_SAMPLES - len(audio), np.float32)])
+            padded += 1
         windows, probs = clip_probabilities(encoder, code_lm, classifier, centroids, audio, window, context_frames)
-        if not windows:
-            too_short += 1
-            continue
         carried = {e.label for e in clip.events}
         raised = [label for label, _ in clip_events(windows, list(probs), list(labels), policies, window)]
         for label in carried:
@@ -74,7 +77,7 @@ def event_metrics(clips: Iterable[Clip], labels: tuple[str, ...], policies: dict
         false = [label for label in raised if label not in carried]
         false_by_label.update(false)
         if carried <= QUIET_LABELS:
-            pool_s += len(audio) / SAMPLE_RATE_HZ
+            pool_s += heard_s
             pool_false.update(false)
     pool_days = pool_s / SECONDS_PER_DAY
     return {
@@ -85,5 +88,5 @@ def event_metrics(clips: Iterable[Clip], labels: tuple[str, ...], policies: dict
         "negative_pool": {"hours": round(pool_s / 3600, 3), "false_events": sum(pool_false.values()),
                           "false_events_by_label": dict(sorted(pool_false.items())),
                           "false_events_per_24h": round(sum(pool_false.values()) / pool_days, 2) if pool_days else None},
-        "clips_too_short": too_short,
+        "clips_padded": padded,
     }
