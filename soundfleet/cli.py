@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"], help="experiment sizes: cpu (default, < 60 min on 2 cores), gpu (the papers' sizes) or smoke (minutes; checks the command end to end)")
     rep.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"], help="Ray Train workers on GPUs: auto (when Ray sees one), true or false")
     _add_common(rep)
+    real_report = report_sub.add_parser("real-audio", help="the shipped (or a given) bundle on the real corpus's test split -> docs/results/real-audio.md", description="Evaluate a bundle on the test split of a corpus built by `soundfleet data real` (recordings from packages no model trained on) through the product's path and event logic, and write real-audio.md and real-audio.json: false events per 24 h on the negative pool, recall per class at the shipped thresholds, window metrics.")
+    real_report.add_argument("--corpus", required=True, type=Path, help="the folder `soundfleet data real --out` wrote")
+    real_report.add_argument("--models", type=Path, default=None, help="bundle directory (default: the shipped bundle)")
+    real_report.add_argument("--out", type=Path, default=Path("docs/results"), help="report directory (default docs/results)")
+    _add_common(real_report)
 
     bench = sub.add_parser("bench", help="measure a component against the targets of the spec", description="Benchmarks that measure soundfleet on this machine against its targets (SPEC section 3).")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="TARGET", help="what to measure")
@@ -231,6 +236,8 @@ def _train(args, config) -> int:
 
 
 def _report(args, config) -> int:
+    if args.report_command == "real-audio":
+        return _report_real_audio(args, config)
     from training.replication import preset, run_replication
 
     use_gpu = None if args.use_gpu == "auto" else args.use_gpu == "true"
@@ -238,6 +245,24 @@ def _report(args, config) -> int:
                               command="soundfleet " + " ".join(args.argv), use_gpu=use_gpu)
     log.info("replication report written to %s in %.1f min", args.out / "replication.md", results["wall_s"] / 60)
     return 0
+
+def _report_real_audio(args, config) -> int:
+    from shared_models.bundle import BundleError, default_bundle_dir
+    from training.eval import EvalError
+    from training.real_audio_report import ReportError, run_real_audio_report
+    from training.sources import DatasetError
+
+    try:
+        results = run_real_audio_report(args.corpus, args.models or default_bundle_dir(), args.out,
+                                        "soundfleet " + " ".join(args.argv), config.cloud)
+    except (BundleError, DatasetError, EvalError, ReportError) as exc:
+        log.error("%s", exc)
+        return 1
+    pool = results["evaluation"]["events"]["negative_pool"]
+    log.info("real-audio report written to %s: %s false events per 24 h on %.2f h of negatives",
+             args.out / "real-audio.md", pool["false_events_per_24h"], pool["hours"])
+    return 0
+
 
 def _eval(args, config) -> int:
     import json

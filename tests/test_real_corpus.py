@@ -21,6 +21,7 @@ import pytest
 import soundfile
 
 from edge.resample import resample
+from shared_models import bundle
 from shared_models.wavio import read_wav, read_wav_info
 from soundfleet.cli import main
 from training.debian_audio import DebianError, PackageFiles, fetch_deb
@@ -231,3 +232,27 @@ def test_the_shipped_catalogue_is_valid_and_keeps_every_package_in_one_split():
     assert splits == {"train", "test"}
     labels_in_test = {r.label for p in packages if p.split == "test" for r in p.rules if r.label}
     assert {"siren", "dog_bark", "car_horn", "speech"} <= labels_in_test
+
+
+def test_the_real_audio_report_states_what_its_json_says(packages, tmp_path):
+    from training.real_audio_report import FALSE_EVENTS_PER_24H_TARGET, run_real_audio_report
+
+    catalogue, cache = packages
+    build_real_corpus(tmp_path / "real", cache, catalogue, progress=False)
+    results = run_real_audio_report(tmp_path / "real", bundle.default_bundle_dir(), tmp_path / "out", "test")
+    saved = json.loads((tmp_path / "out" / "real-audio.json").read_text())
+    assert saved["evaluation"]["data"]["clips"] == 1  # the held-out package's horn (its bark repeats train)
+    text = (tmp_path / "out" / "real-audio.md").read_text()
+    pool = results["evaluation"]["events"]["negative_pool"]
+    assert pool["hours"] == 0  # no negatives in that split: the rate cannot be given
+    assert "**n/a per 24 h**" in text and f"at most {FALSE_EVENTS_PER_24H_TARGET:g}" in text
+    horn = results["evaluation"]["events"]["recall"]["car_horn"]
+    assert f"| car_horn | 1 | {horn['detected']} | {horn['recall']:.2f} |" in text
+    assert "No real test clips for: siren, smoke_alarm" in text
+
+
+def test_the_real_audio_report_needs_a_built_corpus(tmp_path):
+    from training.real_audio_report import ReportError, run_real_audio_report
+
+    with pytest.raises(ReportError, match="soundfleet data real"):
+        run_real_audio_report(tmp_path, bundle.default_bundle_dir(), tmp_path / "out", "test")

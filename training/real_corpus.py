@@ -361,7 +361,7 @@ def readme(summary: dict) -> str:
              "A package is wholly in `train/` or wholly in `test/`. Clips in `_none/` are negatives.", ""]
     for split in SPLITS:
         lines += [f"## {split}", "", "| label / role | clips | audio |", "|---|---:|---:|"]
-        lines += [f"| {kind} | {v['clips']} | {_duration(v['minutes'])} |"
+        lines += [f"| {kind} | {v['clips']} | {format_duration(v['minutes'])} |"
                   for kind, v in sorted(summary["totals"][split].items())]
         lines += [""]
     lines += ["## Licences (clips)", "", "| licence | clips |", "|---|---:|"]
@@ -371,5 +371,5 @@ def readme(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _duration(minutes: float) -> str:
+def format_duration(minutes: float) -> str:
     return f"{minutes * 60:.1f} s" if minutes < 2 else f"{minutes:.1f} min"
