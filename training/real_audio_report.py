@@ -40,7 +40,7 @@ def run_real_audio_report(corpus_dir: Path, bundle_dir: Path, out_dir: Path, com
     results = {
         "command": command,
         "machine": machine_description(),
-        "corpus": json.loads(summary_path.read_text()),
+        "corpus": {k: v for k, v in json.loads(summary_path.read_text()).items() if k != "duplicates"},  # a count is in skipped
         "bundle": {"model_version": manifest["model_version"],
                    "command": manifest.get("training", {}).get("command"),
                    "trained_on": {k: manifest.get("training", {}).get(k) for k in ("data_layout", "data_sha256")}},
