@@ -202,7 +202,7 @@ def _data_real(args) -> int:
     try:
         summary = build_real_corpus(args.out, args.cache, args.catalogue or CATALOGUE, args.packages,
                                     args.max_clip_seconds, progress=not args.no_progress)
-    except (RealCorpusError, DebianError) as exc:
+    except (RealCorpusError, DebianError, OSError) as exc:  # OSError: a full disk, an unwritable --out
         log.error("%s", exc)
         return 1
     minutes = {s: sum(v["minutes"] for v in t.values()) for s, t in summary["totals"].items()}

@@ -201,6 +201,15 @@ def test_a_file_that_is_not_a_package_is_refused(tmp_path):
         PackageFiles(fetch_deb("fake", tmp_path))
 
 
+def test_a_corrupt_package_is_refused_saying_how_to_recover(tmp_path):
+    member = b"data.tar.xz".ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+    payload = b"\xfd7zXZ\x00 truncated"
+    deb = b"!<arch>\n" + member + str(len(payload)).encode().ljust(10) + b"`\n" + payload
+    (tmp_path / "broken_1.0_all.deb").write_bytes(deb)
+    with pytest.raises(DebianError, match="data.tar.xz is corrupt .*fetch the package again"):
+        PackageFiles(fetch_deb("broken", tmp_path))
+
+
 @pytest.mark.parametrize("reserved", sorted(RESERVED_PACKAGES))
 def test_the_reserved_evaluation_packages_are_refused(tmp_path, reserved):
     path = tmp_path / "c.toml"

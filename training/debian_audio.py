@@ -88,17 +88,20 @@ def _data_tar(deb: DebFile) -> tarfile.TarFile:
     for name, payload in _ar_members(deb.path.read_bytes(), str(deb.path)):
         if not name.startswith("data.tar"):
             continue
-        if name.endswith(".xz"):
-            raw = lzma.decompress(payload)
-        elif name.endswith(".gz"):
-            raw = gzip.decompress(payload)
-        elif name.endswith(".zst"):  # no zstd in the standard library: let dpkg-deb unpack it
-            raw = _dpkg_fsys_tarfile(deb)
-        elif name == "data.tar":
-            raw = payload
-        else:
-            raise DebianError(f"{deb.path}: unknown compression of {name}")
-        return tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
+        try:
+            if name.endswith(".xz"):
+                raw = lzma.decompress(payload)
+            elif name.endswith(".gz"):
+                raw = gzip.decompress(payload)
+            elif name.endswith(".zst"):  # no zstd in the standard library: let dpkg-deb unpack it
+                raw = _dpkg_fsys_tarfile(deb)
+            elif name == "data.tar":
+                raw = payload
+            else:
+                raise DebianError(f"{deb.path}: unknown compression of {name}")
+            return tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
+        except (lzma.LZMAError, OSError, EOFError, tarfile.TarError, subprocess.CalledProcessError) as exc:
+            raise DebianError(f"{deb.path}: {name} is corrupt ({exc}): delete it and fetch the package again") from None
     raise DebianError(f"{deb.path}: no data.tar member")
 
 

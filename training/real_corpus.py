@@ -224,10 +224,11 @@ def clip_name(package: str, member: str, index: int | None) -> str:
     return f"{package}__{readable}-{unique}" + (f"__{index:03d}" if index is not None else "") + ".wav"
 
 
-def trim_quiet_ends(audio: np.ndarray, below_peak_db: float = 40.0) -> np.ndarray:
-    """An event file without its leading and trailing near-silence (padding is not the event)."""
+def trim_quiet_ends(audio: np.ndarray, below_peak_db: float = 40.0) -> tuple[int, np.ndarray]:
+    """(first sample kept, the event file without its leading and trailing near-silence):
+    padding is not the event."""
     loud = np.flatnonzero(np.abs(audio) >= np.max(np.abs(audio)) * 10 ** (-below_peak_db / 20))
-    return audio[loud[0] : loud[-1] + 1] if loud.size else audio
+    return (int(loud[0]), audio[loud[0] : loud[-1] + 1]) if loud.size else (0, audio)
 
 
 # ---- the build -----------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def _add_package(build: Build, package: Package, deb: DebFile, fingerprints: Fin
             build.skipped["duplicate recording"] += 1
             continue
         fingerprints.add(env, source)
-        audio = trim_quiet_ends(decoded.audio) if rule.label else decoded.audio
+        offset, audio = trim_quiet_ends(decoded.audio) if rule.label else (0, decoded.audio)
         pieces = clips_of(audio, max_clip_s)
         for k, (start, clip) in enumerate(pieces):
             if rms_dbfs(clip) < SILENCE_DBFS:
@@ -309,7 +310,7 @@ def _add_package(build: Build, package: Package, deb: DebFile, fingerprints: Fin
                 "role": rule.role, "package": package.name, "package_version": deb.version, "member": path,
                 "licence": package.licence, "sha256": hashlib.sha256(wav.read_bytes()).hexdigest(),
                 "original_rate_hz": decoded.rate_hz, "original_channels": decoded.channels,
-                "start_s": round(start / SAMPLE_RATE_HZ, 3), "duration_s": round(len(clip) / SAMPLE_RATE_HZ, 3),
+                "start_s": round((offset + start) / SAMPLE_RATE_HZ, 3), "duration_s": round(len(clip) / SAMPLE_RATE_HZ, 3),
             })
             taken += 1
     build.packages[package.name] = {"version": deb.version, "deb_sha256": deb.sha256, "split": package.split,
