@@ -387,8 +387,8 @@ def test_silent_runs_published_over_mqtt_reach_the_redis_context_as_the_silence_
         client.publish(topic, msg.to_bytes(), qos=1).wait_for_publish(5)
 
     prefix = cloud_app.config.key_prefix
-    _wait_for(
-        lambda: cloud_app.store.r.hget(f"{prefix}dev:{SITE}:{device}", "last_seq") == b"1",
+    _wait_for(  # processed_seq is written with the context, in the commit; last_seq already at accept
+        lambda: cloud_app.store.r.hget(f"{prefix}dev:{SITE}:{device}", "processed_seq") == b"1",
         60,
         "both messages in the device context",
     )
