@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from soundfleet.config import ConfigError, load_config
+from soundfleet.config import ConfigError, apply_flags, load_config
+from soundfleet.training_commands import data_command, eval_command, report_command, train_command
 
 log = logging.getLogger("soundfleet")
 
@@ -185,128 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _data(args, config) -> int:
-    if args.data_command == "real":
-        return _data_real(args)
-    from training.corpus import synthesize_corpus
-
-    manifest = synthesize_corpus(args.out, minutes=args.minutes, seed=args.seed, clip_seconds=args.clip_seconds)
-    log.info("corpus written to %s: %d clips, sha256 %s", args.out, manifest["n_clips"], manifest["data_sha256"][:16])
-    return 0
-
-
-def _data_real(args) -> int:
-    from training.debian_audio import DebianError
-    from training.real_corpus import CATALOGUE, RealCorpusError, build_real_corpus
-
-    try:
-        summary = build_real_corpus(args.out, args.cache, args.catalogue or CATALOGUE, args.packages,
-                                    args.max_clip_seconds, progress=not args.no_progress)
-    except (RealCorpusError, DebianError, OSError) as exc:  # OSError: a full disk, an unwritable --out
-        log.error("%s", exc)
-        return 1
-    minutes = {s: sum(v["minutes"] for v in t.values()) for s, t in summary["totals"].items()}
-    log.info("real corpus written to %s: %d clips from %d packages (train %.1f min, test %.1f min); left out: %s",
-             args.out, summary["clips"], len(summary["packages"]), minutes["train"], minutes["test"],
-             summary["skipped"] or "nothing")
-    return 0
-
-
-def _train(args, config) -> int:
-    from training.corpus import CorpusError
-    from training.pipeline import train_all
-    from training.sources import DatasetError
-
-    cfg = config.train
-    _apply(cfg, {"workers": args.workers, "seed": args.seed, "codebook_size": args.codebook_size,
-                 "classifier_pooling": args.classifier_pooling, "frontend": args.frontend,
-                 "storage_path": str(args.storage_path) if args.storage_path else None})
-    for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
-        setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))
-    cfg.validate()
-    try:
-        manifest = train_all(args.data, args.out, cfg, command="soundfleet " + " ".join(args.argv),
-                             resume=args.resume)
-    except (CorpusError, DatasetError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    log.info("bundle %s written to %s; held-out macro-F1 %.3f", manifest["model_version"], args.out,
-             manifest["training"]["metrics"]["macro_f1"])
-    return 0
-
-
-def _report(args, config) -> int:
-    if args.report_command == "real-audio":
-        return _report_real_audio(args, config)
-    from training.replication import preset, run_replication
-
-    use_gpu = None if args.use_gpu == "auto" else args.use_gpu == "true"
-    results = run_replication(args.out, args.work, preset(args.preset), args.preset,
-                              command="soundfleet " + " ".join(args.argv), use_gpu=use_gpu)
-    log.info("replication report written to %s in %.1f min", args.out / "replication.md", results["wall_s"] / 60)
-    return 0
-
-def _report_real_audio(args, config) -> int:
-    from shared_models.bundle import BundleError, default_bundle_dir
-    from training.eval import EvalError
-    from training.real_audio_report import ReportError, run_real_audio_report
-    from training.sources import DatasetError
-
-    try:
-        results = run_real_audio_report(args.corpus, args.models or default_bundle_dir(), args.out,
-                                        "soundfleet " + " ".join(args.argv), config.cloud)
-    except (BundleError, DatasetError, EvalError, ReportError) as exc:
-        log.error("%s", exc)
-        return 1
-    pool = results["evaluation"]["events"]["negative_pool"]
-    log.info("real-audio report written to %s: %s false events per 24 h on %.2f h of negatives",
-             args.out / "real-audio.md", pool["false_events_per_24h"], pool["hours"])
-    return 0
-
-
-def _eval(args, config) -> int:
-    import json
-
-    from shared_models.bundle import BundleError, default_bundle_dir
-    from training.eval import EvalError, evaluate_bundle
-    from training.sources import DatasetError
-
-    try:
-        report = evaluate_bundle(args.models or default_bundle_dir(), args.data, config.cloud)
-    except (BundleError, DatasetError, EvalError) as exc:
-        log.error("%s", exc)
-        return 1
-    if args.out:
-        if args.out.is_dir():
-            args.out = args.out / "eval.json"
-        report["plots"] = _eval_plots(report, args.out.parent)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    return 0
-
-
-def _eval_plots(report: dict, out_dir: Path) -> dict[str, str]:
-    """confusion.png and per_class.png for an eval report; none without matplotlib (`train` extra)."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        log.warning("matplotlib is not installed (pip install 'soundfleet[train]'): no plots written")
-        return {}
-    from training.plots import confusion_matrix_from_table, plot_confusion, plot_per_class
-
-    metrics = report["metrics"]
-    name = f"{report['model_version']} on {Path(report['data']['path']).name}"
-    matrix, rows, cols = confusion_matrix_from_table(metrics["confusion"], list(metrics["per_class"]))
-    plots = {
-        "confusion": plot_confusion(matrix, rows, cols, out_dir / "confusion.png", f"Confusion: {name}"),
-        "per_class": plot_per_class(metrics["per_class"], out_dir / "per_class.png", f"Per class: {name}"),
-    }
-    log.info("plots written: %s", ", ".join(str(p) for p in plots.values()))
-    return {key: str(p) for key, p in plots.items()}
-
-
 def _edge(args, config) -> int:
     return {"run": _edge_run, "devices": _edge_devices}[args.edge_command](args, config)
 
@@ -326,7 +205,7 @@ def _edge_run(args, config) -> int:
                  "spool_max_mb": args.spool_max_mb, "spool_fsync": args.spool_fsync,
                  "heartbeat_s": args.heartbeat_s, "follow_models": args.follow_models,
                  "drain_timeout_s": args.drain_timeout_s, "bundle_dir": str(args.bundle) if args.bundle else None}
-    _apply(cfg, overrides)
+    apply_flags(cfg, overrides)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd stop = Ctrl-C: clean "offline", spool kept
     try:
         cfg.validate()
@@ -378,13 +257,6 @@ def _models(args, config) -> int:
     return 0
 
 
-def _apply(section, overrides: dict) -> None:
-    """Command-line flags given (not None) override the config section's fields."""
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(section, name, value)
-
-
 def _cloud(args, config) -> int:
     import time
 
@@ -395,7 +267,7 @@ def _cloud(args, config) -> int:
     cfg = config.cloud
     overrides = {"broker_url": args.broker, "redis_url": args.redis, "http_host": args.http_host,
                  "http_port": args.http_port, "bundle_dir": str(args.bundle) if args.bundle else None}
-    _apply(cfg, overrides)
+    apply_flags(cfg, overrides)
     cfg.validate()
     ray.init(include_dashboard=False)
     run_cloud(cfg)
@@ -447,7 +319,7 @@ def _bench_cloud(args, config) -> int:
     from shared_models.bundle import BundleError
 
     cfg = config.cloud
-    _apply(cfg, {"bundle_dir": str(args.bundle) if args.bundle else None})
+    apply_flags(cfg, {"bundle_dir": str(args.bundle) if args.bundle else None})
     try:
         steps = tuple(int(n) for n in args.steps.split(",")) if args.steps else None
     except ValueError:
@@ -500,7 +372,7 @@ def _demo(args, config) -> int:
     return run_demo(args, config)
 
 
-COMMANDS = {"data": _data, "train": _train, "eval": _eval, "report": _report, "edge": _edge, "models": _models, "cloud": _cloud, "bench": _bench, "fleet": _fleet, "demo": _demo}
+COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command, "report": report_command, "edge": _edge, "models": _models, "cloud": _cloud, "bench": _bench, "fleet": _fleet, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

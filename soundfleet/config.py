@@ -194,6 +194,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     return config
 
 
+def apply_flags(section: Any, overrides: dict[str, Any]) -> None:
+    """Command-line flags given (not None) override the config section's fields: the last
+    step of the precedence (defaults, TOML file, environment, flags)."""
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(section, name, value)
+
+
 def field_docs(section_cls: type) -> dict[str, str]:
     """Field name -> doc string, used to write --help texts."""
     return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(section_cls)}

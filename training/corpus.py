@@ -98,7 +98,7 @@ def synthesize_corpus(
         stale.unlink()
     n_clips = max(1, round(minutes * 60 / clip_seconds))
     rows = []
-    for i in _progress(range(n_clips), progress, desc="synthesising corpus"):
+    for i in progress_bar(range(n_clips), progress, desc="synthesising corpus"):
         rng = np.random.default_rng([seed, i])
         scene = random_scene(rng, duration_s=clip_seconds, labels=clip_labels(i, seed, rng))
         name = f"clip_{i:05d}.wav"
@@ -209,11 +209,12 @@ def _read_labels(path: Path, durations_s: dict[str, float]) -> dict[str, list[La
     return events
 
 
-def _progress(items, enabled: bool, desc: str):
+def progress_bar(items, enabled: bool, desc: str, unit: str = "clip"):
+    """``items`` with a progress bar when ``enabled`` (and tqdm is installed)."""
     if not enabled:
         return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc=desc, unit="clip")
+    return tqdm(items, desc=desc, unit=unit)
