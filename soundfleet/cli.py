@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(real)
 
     train = sub.add_parser("train", help="train every model with Ray Train and export a bundle", description="Train front end -> codebook -> code Transformer -> classifier through Ray Train, then export edge ONNX + cloud bundle.")
-    train.add_argument("--data", required=True, type=Path, help="corpus directory (from `soundfleet data synth`)")
+    train.add_argument("--data", required=True, type=Path, action="append", help="dataset directory: the built-in corpus (`soundfleet data synth`), labelled folders (`soundfleet data real`'s train/), ESC-50 or FSD50K; repeat it to train on several together")
     train.add_argument("--out", required=True, type=Path, help="bundle output directory")
     train.add_argument("--workers", type=int, help="Ray Train workers per stage (default from config: 2)")
     train.add_argument("--seed", type=int, help="training seed (default 0)")

@@ -140,6 +140,8 @@ class TrainConfig:
     classifier_epochs: int = field(default=6, metadata={"doc": "classifier training epochs"})
     classifier_pooling: str = field(default="meanmax", metadata={"doc": "classifier pooling of intermediate embeddings: 'meanmax' or 'wavelet' (S3's parameter-free multi-scale pooling)"})
     holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
+    augment_per_label: int = field(default=160, metadata={"doc": "mixtures per label of weakly labelled event recordings (a folder of real barks) into the dataset's real negatives, for training (a quarter as many for validation); 0 = none"})
+    false_events_per_24h: float = field(default=1.0, metadata={"doc": "false-alarm budget the per-label thresholds are calibrated for, on the validation clips' negatives (all labels together)"})
     checkpoint_every: int = field(default=1, metadata={"doc": "epochs between Ray Train checkpoints"})
     storage_path: str = field(default="", metadata={"doc": "Ray Train storage for checkpoints; empty = OUT/ray_runs"})
 
@@ -156,6 +158,10 @@ class TrainConfig:
             raise ConfigError("train.classifier_pooling must be 'meanmax' or 'wavelet'")
         if not 2 <= self.codebook_size <= 65536:
             raise ConfigError("train.codebook_size must be within 2..65536 (codes are uint16)")
+        if self.augment_per_label < 0:
+            raise ConfigError("train.augment_per_label must be >= 0")
+        if not self.false_events_per_24h >= 0:
+            raise ConfigError("train.false_events_per_24h must be >= 0")
 
 
 @dataclass

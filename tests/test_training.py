@@ -12,20 +12,45 @@ import torch
 
 from shared_models import bundle
 from shared_models.codebook import codebook_id
+from shared_models.constants import EVENT_LABELS
 from shared_models.wire import WIRE_VERSION
 from soundfleet.config import TrainConfig
 from training.corpus import corpus_hash, synthesize_corpus
 from training.pipeline import train_all
 
 
+def write_folders_dataset(root: Path, seed: int) -> Path:
+    """A labelled-folders dataset as `soundfleet data real` writes one: a few whole-file event
+    recordings (weak labels, one shorter than a window) and unlabelled background recordings."""
+    from shared_models.synth_events import generate_event
+    from shared_models.wavio import write_wav
+    from training.sources import NONE_FOLDER
+
+    rng = np.random.default_rng(seed)
+    for label, seconds in (("dog_bark", [0.5, 1.5]), ("siren", [2.0])):
+        (root / label).mkdir(parents=True)
+        for k, duration_s in enumerate(seconds):
+            write_wav(root / label / f"{k}.wav", generate_event(label, rng, duration_s), 16_000)
+    (root / NONE_FOLDER).mkdir()
+    for k in range(6):
+        write_wav(root / NONE_FOLDER / f"{k}.wav", (0.02 * rng.standard_normal(48_000)).astype(np.float32), 16_000)
+    return root
+
+
 @pytest.mark.slow
 def test_tiny_training_run_exports_a_self_describing_bundle(ray_session, tmp_path):
+    """The synthetic corpus and a folder of real-style recordings trained on together: the weakly
+    labelled events are mixed into the folder's negatives, thresholds come from the false-alarm
+    calibration, and held-out metrics are reported for both kinds of clip."""
+    from training.sources import load_datasets
+
     data = tmp_path / "corpus"
     synthesize_corpus(data, minutes=1.5, seed=3, progress=False)
+    folders = write_folders_dataset(tmp_path / "folders", seed=3)
     cfg = TrainConfig(workers=2, seed=3, codebook_size=32, frontend_hidden=64, frontend_epochs=2,
-                      code_lm_epochs=2, classifier_epochs=2, holdout_fraction=0.2)
+                      code_lm_epochs=2, classifier_epochs=2, holdout_fraction=0.2, augment_per_label=8)
     out = tmp_path / "bundle"
-    manifest = train_all(data, out, cfg, command="pytest tiny run")
+    manifest = train_all([data, folders], out, cfg, command="pytest tiny run")
 
     # every file is there and matches its recorded sha256
     assert bundle.verify_bundle(out) == json.loads((out / bundle.MANIFEST).read_text())
@@ -34,10 +59,23 @@ def test_tiny_training_run_exports_a_self_describing_bundle(ray_session, tmp_pat
     assert manifest["codebook_id"] == codebook_id(centroids)
     assert manifest["wire_version"] == WIRE_VERSION
     training = manifest["training"]
-    assert training["data_sha256"] == corpus_hash(data)
+    assert training["data_sha256"] == load_datasets([data, folders]).data_sha256 != corpus_hash(data)
+    assert training["data_layout"] == "builtin+folders"
     assert training["command"] == "pytest tiny run" and training["seed"] == 3
-    assert set(training["metrics"]["per_class"]) == set(manifest["labels"])
-    assert 0.0 <= training["metrics"]["macro_f1"] <= 1.0
+    assert tuple(manifest["labels"]) == EVENT_LABELS  # the corpus's order; the folders add no label
+    # the corpus's clips and the 9 recordings, plus 8 mixtures per event label found in the training
+    # split (2 per label in validation), all counted
+    mixtures = training["mixtures"]
+    assert sum(training["clips"].values()) == len(load_datasets([data, folders]).clips) + sum(mixtures.values())
+    assert mixtures["train"] in (8, 16) and mixtures["validation"] in (0, 2, 4)
+    metrics = training["metrics"]
+    assert set(metrics["per_class"]) == set(manifest["labels"])
+    assert 0.0 <= metrics["macro_f1"] <= 1.0 and 0.0 <= metrics["mAP"] <= 1.0
+    # the calibration's thresholds are the bundle's, each on the grid, and each report row says why
+    calibration = training["calibration"]
+    assert calibration["budget_per_24h"] == 1.0 and calibration["pool_hours"] > 0
+    assert manifest["thresholds"] == {label: row["on_threshold"] for label, row in calibration["labels"].items()}
+    assert all(0.3 <= t <= 0.99 for t in manifest["thresholds"].values())
 
     # the ONNX model describes itself the same way
     meta = ort.InferenceSession(str(out / bundle.EDGE_MODEL)).get_modelmeta().custom_metadata_map

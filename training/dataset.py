@@ -53,15 +53,27 @@ def window_targets(
 class FramedClip:
     patches: np.ndarray  # (N, PATCH_SAMPLES) float32
     labels: np.ndarray  # (N, L) float32
+    weak: bool = False  # each label spans the whole recording (see training.sources.Clip.weak)
+    padded_frames: int = 0  # digital silence appended to reach a minimum length (not heard audio)
 
 
-def load_framed(clips: list[Clip], labels: tuple[str, ...]) -> list[FramedClip]:
-    """Read, resample to 16 kHz mono and frame every clip, with frame labels over ``labels``."""
+def load_framed(clips: list[Clip], labels: tuple[str, ...], min_frames: int = 0) -> list[FramedClip]:
+    """Read, resample to 16 kHz mono and frame every clip, with frame labels over ``labels``.
+
+    A clip shorter than ``min_frames`` (a 0.4 s bark, shorter than one classifier window) is
+    padded with digital silence to that length, as ``soundfleet eval`` pads it; its labels
+    cover only the recorded frames.
+    """
     framed = []
     for clip in clips:
         audio, rate_hz = read_wav(clip.wav_path)
         patches = frame_patches(resample_linear(audio, rate_hz))
-        framed.append(FramedClip(patches, frame_labels(clip.events, len(patches), labels)))
+        frame_lab = frame_labels(clip.events, len(patches), labels)
+        pad = max(0, min_frames - len(patches))
+        if pad:
+            patches = np.concatenate([patches, np.zeros((pad, PATCH_SAMPLES), np.float32)])
+            frame_lab = np.concatenate([frame_lab, np.zeros((pad, len(labels)), np.float32)])
+        framed.append(FramedClip(patches, frame_lab, getattr(clip, "weak", False), pad))
     return framed
 
 

@@ -18,8 +18,10 @@ codes -> the windows the ingest forms, one per second with its code LM context
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,12 +39,25 @@ SECONDS_PER_DAY = 24 * 3600
 QUIET_LABELS = frozenset({"speech"})  # a clip of only these is in the negative pool for the other labels
 
 
-def clip_probabilities(encoder: EdgeEncoder, code_lm, classifier, centroids: torch.Tensor, audio: np.ndarray,
-                       window_frames: int, context_frames: int) -> tuple[list, np.ndarray]:
-    """(the ingest's windows, their (N, L) probabilities) for one 16 kHz clip."""
-    n_frames = len(audio) // PATCH_SAMPLES  # an incomplete last patch is dropped, as on the edge
-    patches = audio[: n_frames * PATCH_SAMPLES].reshape(n_frames, PATCH_SAMPLES)  # (N, PATCH_SAMPLES)
-    codes = encoder.encode(patches).codes
+@dataclass
+class ScoredClip:
+    """One clip through the product's path: its windows, their (N, L) probabilities, the labels
+    it carries and how long it was heard (padding excluded)."""
+
+    windows: list
+    probs: np.ndarray
+    carried: frozenset[str]
+    heard_s: float
+
+    @property
+    def in_pool(self) -> bool:
+        """Part of the negative pool: it carries nothing but quiet labels (speech)."""
+        return self.carried <= QUIET_LABELS
+
+
+def window_probabilities(codes: np.ndarray, code_lm, classifier, centroids: torch.Tensor,
+                         window_frames: int, context_frames: int) -> tuple[list, np.ndarray]:
+    """(the ingest's windows, their (N, L) probabilities) for one clip's codes."""
     windows = clip_windows(codes, window_frames, context_frames)
     if not windows:
         return [], np.zeros((0, classifier.config.num_labels), np.float32)
@@ -51,15 +66,20 @@ def clip_probabilities(encoder: EdgeEncoder, code_lm, classifier, centroids: tor
     return windows, classify_windows(classifier, centroids, states, window_codes).numpy()
 
 
-def event_metrics(clips: Iterable[Clip], labels: tuple[str, ...], policies: dict[str, EventPolicy],
-                  encoder: EdgeEncoder, code_lm, classifier, centroids: torch.Tensor, context_frames: int) -> dict:
+def clip_probabilities(encoder: EdgeEncoder, code_lm, classifier, centroids: torch.Tensor, audio: np.ndarray,
+                       window_frames: int, context_frames: int) -> tuple[list, np.ndarray]:
+    """(the ingest's windows, their (N, L) probabilities) for one 16 kHz clip."""
+    n_frames = len(audio) // PATCH_SAMPLES  # an incomplete last patch is dropped, as on the edge
+    patches = audio[: n_frames * PATCH_SAMPLES].reshape(n_frames, PATCH_SAMPLES)  # (N, PATCH_SAMPLES)
+    codes = encoder.encode(patches).codes
+    return window_probabilities(codes, code_lm, classifier, centroids, window_frames, context_frames)
+
+
+def score_clips(clips: Iterable[Clip], encoder: EdgeEncoder, code_lm, classifier, centroids: torch.Tensor,
+                context_frames: int) -> tuple[list[ScoredClip], int]:
+    """Every clip through the edge ONNX encoder and the cloud models; (scored clips, how many padded)."""
     window = classifier.config.window_frames
-    clips_with = Counter()
-    detected = Counter()
-    false_by_label = Counter()
-    pool_false = Counter()
-    pool_s = 0.0
-    padded = 0
+    scored, padded = [], 0
     for clip in clips:
         audio, rate = read_wav(clip.wav_path)
         if rate != SAMPLE_RATE_HZ:
@@ -69,15 +89,33 @@ def event_metrics(clips: Iterable[Clip], labels: tuple[str, ...], policies: dict
             audio = np.concatenate([audio, np.zeros(window * PATCH_SAMPLES - len(audio), np.float32)])
             padded += 1
         windows, probs = clip_probabilities(encoder, code_lm, classifier, centroids, audio, window, context_frames)
-        carried = {e.label for e in clip.events}
-        raised = [label for label, _ in clip_events(windows, list(probs), list(labels), policies, window)]
-        for label in carried:
+        scored.append(ScoredClip(windows, probs, frozenset(e.label for e in clip.events), heard_s))
+    return scored, padded
+
+
+def event_metrics(clips: Iterable[Clip], labels: tuple[str, ...], policies: dict[str, EventPolicy],
+                  encoder: EdgeEncoder, code_lm, classifier, centroids: torch.Tensor, context_frames: int) -> dict:
+    scored, padded = score_clips(clips, encoder, code_lm, classifier, centroids, context_frames)
+    return {**scored_event_metrics(scored, labels, policies, classifier.config.window_frames), "clips_padded": padded}
+
+
+def scored_event_metrics(scored: list[ScoredClip], labels: tuple[str, ...], policies: dict[str, EventPolicy],
+                         window_frames: int) -> dict:
+    """Recall over clips, false events, and the negative pool's false events per 24 h."""
+    clips_with = Counter()
+    detected = Counter()
+    false_by_label = Counter()
+    pool_false = Counter()
+    pool_s = 0.0
+    for clip in scored:
+        raised = [label for label, _ in clip_events(clip.windows, list(clip.probs), list(labels), policies, window_frames)]
+        for label in clip.carried:
             clips_with[label] += 1
             detected[label] += label in raised
-        false = [label for label in raised if label not in carried]
+        false = [label for label in raised if label not in clip.carried]
         false_by_label.update(false)
-        if carried <= QUIET_LABELS:
-            pool_s += heard_s
+        if clip.in_pool:
+            pool_s += clip.heard_s
             pool_false.update(false)
     pool_days = pool_s / SECONDS_PER_DAY
     return {
@@ -88,5 +126,52 @@ def event_metrics(clips: Iterable[Clip], labels: tuple[str, ...], policies: dict
         "negative_pool": {"hours": round(pool_s / 3600, 3), "false_events": sum(pool_false.values()),
                           "false_events_by_label": dict(sorted(pool_false.items())),
                           "false_events_per_24h": round(sum(pool_false.values()) / pool_days, 2) if pool_days else None},
-        "clips_padded": padded,
     }
+
+
+# ---- calibration: the lowest on-threshold per label that keeps the false-alarm budget ----
+
+CALIBRATION_GRID = tuple(round(0.30 + 0.01 * i, 2) for i in range(70))  # 0.30 .. 0.99
+
+
+def label_event_count(clip: ScoredClip, j: int, policy: EventPolicy, window_frames: int) -> int:
+    """How many events label ``j`` raises in one scored clip under ``policy``."""
+    if not len(clip.probs) or clip.probs[:, j].max() < policy.on_threshold:
+        return 0  # never reaches the threshold: no event (the common case, checked in numpy)
+    return len(clip_events(clip.windows, list(clip.probs[:, j : j + 1]), ["x"], {"x": policy}, window_frames))
+
+
+def calibrate_event_thresholds(scored: list[ScoredClip], labels: tuple[str, ...], policies: dict[str, EventPolicy],
+                               window_frames: int, budget_per_24h: float,
+                               grid: tuple[float, ...] = CALIBRATION_GRID) -> tuple[dict[str, float], dict]:
+    """Per label, the lowest on-threshold of ``grid`` whose false events on the negative pool
+    of ``scored`` stay within the label's share of ``budget_per_24h`` (the budget is for all
+    labels together, so each gets ``1 / len(labels)`` of it); the grid's top when none does.
+
+    A short pool cannot resolve a small budget: 1 event per 24 h over 40 minutes allows
+    0 events, so the threshold lands just above the pool's loudest false event. The
+    returned report says how many events the pool allowed, and the recall over the clips
+    that carry each label at the chosen threshold.
+    """
+    pool = [c for c in scored if c.in_pool]
+    pool_days = sum(c.heard_s for c in pool) / SECONDS_PER_DAY
+    allowed = int(np.floor(budget_per_24h * pool_days / max(1, len(labels)) + 1e-9))
+    thresholds, report = {}, {"budget_per_24h": budget_per_24h, "pool_hours": round(pool_days * 24, 3),
+                              "false_events_allowed_per_label": allowed, "labels": {}}
+    for j, label in enumerate(labels):
+        negatives = [c for c in pool if label not in c.carried]
+        positives = [c for c in scored if label in c.carried]
+        chosen, false = grid[-1], None
+        for t in grid:
+            policy = dataclasses.replace(policies[label], on_threshold=t, off_threshold=min(policies[label].off_threshold, t))
+            false = sum(label_event_count(c, j, policy, window_frames) for c in negatives)
+            if false <= allowed:
+                chosen = t
+                break
+        policy = dataclasses.replace(policies[label], on_threshold=chosen, off_threshold=min(policies[label].off_threshold, chosen))
+        hits = sum(label_event_count(c, j, policy, window_frames) > 0 for c in positives)
+        thresholds[label] = chosen
+        report["labels"][label] = {"on_threshold": chosen, "pool_false_events": false,
+                                   "positive_clips": len(positives),
+                                   "recall": round(hits / len(positives), 4) if positives else None}
+    return thresholds, report

@@ -11,12 +11,14 @@ import dataclasses
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cloud.events import label_policies
 from shared_models.autoencoder import AutoencoderConfig
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
 from shared_models.codebook import EdgeEncoder, codebook_id, kmeans, nearest_code
@@ -24,42 +26,60 @@ from shared_models.constants import FRAMES_PER_SECOND, PATCH_SAMPLES, SAMPLE_RAT
 from shared_models.detector import classify_windows, lm_window_states
 from shared_models.frontend import FrontEndConfig, LearnedFrontEnd
 from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
-from soundfleet.config import TrainConfig
+from soundfleet.config import CloudConfig, TrainConfig
 from training import stages
+from training.augment import augment_clips
 from training.autoencoder_stage import fit_autoencoder
 from training.dataset import FramedClip, load_framed, split_clips, window_targets
-from training.evaluate import calibrate_thresholds, window_metrics
+from training.eval_events import ScoredClip, calibrate_event_thresholds, window_probabilities
+from training.evaluate import average_precision, window_metrics
 from training.export import write_bundle
 from training.ray_stage import StageSpec, fit_stage, run_directory
-from training.sources import load_dataset
+from training.sources import load_datasets
 
 log = logging.getLogger(__name__)
 
 SEGMENT_FRAMES = 2 * FRAMES_PER_SECOND  # front-end training segments: 2 s
-TRAIN_WINDOW_STRIDE = 8  # frames between classifier training windows (200 ms)
+TRAIN_WINDOW_STRIDE = 8  # frames between classifier training windows (200 ms) ...
+WEAK_WINDOW_STRIDE = 40  # ... but 1 s in weakly labelled clips: each window has the same label anyway
+FRONTEND_MAX_SEGMENTS = 16_000  # 2 s front-end training segments at most (2 GB of float32)
 
 
 def train_all(
-    data_dir: Path, out_dir: Path, cfg: TrainConfig, command: str = "", resume: bool = False
+    data_dir: Path | Sequence[Path], out_dir: Path, cfg: TrainConfig, command: str = "", resume: bool = False
 ) -> dict[str, Any]:
-    """Train every model on the corpus at ``data_dir`` and write a bundle to ``out_dir``.
+    """Train every model on the dataset(s) at ``data_dir`` and write a bundle to ``out_dir``.
 
-    With ``resume``, every stage continues from the latest checkpoint of the
-    latest earlier run under the same storage path (finished stages are not redone).
+    Several datasets (the synthetic corpus and a real one) are trained on together. With
+    ``resume``, every stage continues from the latest checkpoint of the latest earlier run
+    under the same storage path (finished stages are not redone).
     """
     import ray
 
     started = time.monotonic()
     out_dir = Path(out_dir)
+    data_dirs = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
     storage = run_directory(Path(cfg.storage_path or out_dir / "ray_runs"), resume)
     log.info("%s training run %s", "resuming" if resume else "starting", storage)
-    dataset = load_dataset(Path(data_dir))
+    dataset = load_datasets(data_dirs)
     labels = dataset.labels
-    framed = load_framed(dataset.clips, labels)
+    window_frames = SceneClassifierConfig().window_frames
+    framed = load_framed(dataset.clips, labels, min_frames=window_frames)
     # three disjoint clip sets: train, validation (threshold calibration), held-out test (metrics)
     train_idx, val_idx, hold_idx = train_val_test_split(len(framed), cfg)
     log.info("%s dataset %s: %d clips (%d train, %d validation, %d test), %d labels",
-             dataset.layout, data_dir, len(framed), len(train_idx), len(val_idx), len(hold_idx), len(labels))
+             dataset.layout, dataset.name, len(framed), len(train_idx), len(val_idx), len(hold_idx), len(labels))
+    # real event recordings mixed into real negatives, within each split (no clip crosses one)
+    augmented = {}
+    for split, idx, per_label, seed in (("train", train_idx, cfg.augment_per_label, cfg.seed),
+                                        ("validation", val_idx, cfg.augment_per_label // 4, cfg.seed + 1)):
+        mixtures = augment_clips([framed[i] for i in idx], labels, per_label, seed)
+        idx.extend(range(len(framed), len(framed) + len(mixtures)))
+        framed.extend(mixtures)
+        augmented[split] = len(mixtures)
+        if mixtures:
+            log.info("augmentation (%s): %d mixtures of real events into real negatives, %d per label",
+                     split, len(mixtures), per_label)
     if not ray.is_initialized():
         # the dashboard hosts the State API that Ray Train v2 polls; without it Train logs a warning a second
         ray.init(log_to_driver=True)
@@ -99,25 +119,36 @@ def train_all(
         pooling=cfg.classifier_pooling,
     )
     W = cls_config.window_frames
-    train_windows = window_inputs([framed[i] for i in train_idx], [codes[i] for i in train_idx], code_lm, W, TRAIN_WINDOW_STRIDE)
+    assert W == window_frames, "clips were padded to the default window"
+    train_windows = window_inputs([framed[i] for i in train_idx], [codes[i] for i in train_idx], code_lm, W, TRAIN_WINDOW_STRIDE,
+                                  WEAK_WINDOW_STRIDE)
     classifier, cls_state = fit_classifier(train_windows, centroids, cls_config, cfg, run)
 
-    # 5. per-label thresholds from the validation clips, then test metrics, both at
-    #    deployment stride (one decision per second)
-    def predict(idx: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    # 5. per-label on-thresholds for the false-alarm budget, by the live event logic over the
+    #    validation clips' windows (one decision per second, as the ingest makes them)
+    scored = [scored_clip(framed[i], codes[i], labels, code_lm, classifier, centroids) for i in val_idx]
+    thresholds, calibration = calibrate_event_thresholds(
+        scored, labels, label_policies(CloudConfig(), {"labels": labels}), W, cfg.false_events_per_24h)
+    log.info("thresholds for %.1f false events per 24 h over %.2f h of validation negatives: %s",
+             cfg.false_events_per_24h, calibration["pool_hours"], thresholds)
+
+    # 6. held-out window metrics at those thresholds: all test clips, then the synthetic and
+    #    the real (weakly labelled) ones apart
+    def held_out(idx: list[int]) -> dict[str, Any]:
         win = window_inputs([framed[i] for i in idx], [codes[i] for i in idx], code_lm, W, W)
-        probs = classify_windows(classifier, centroids, torch.tensor(win["states"]), torch.tensor(win["codes"]))
-        return probs.numpy(), win
+        probs = classify_windows(classifier, centroids, torch.tensor(win["states"]), torch.tensor(win["codes"])).numpy()
+        out = window_metrics(probs, win["targets"], win["weights"], labels, thresholds)
+        out["mAP"] = average_precision(probs, win["targets"], win["weights"], labels)["mean"]
+        return out
 
-    val_probs, val = predict(val_idx)
-    thresholds = calibrate_thresholds(val_probs, val["targets"], val["weights"], labels)
-    test_probs, test = predict(hold_idx)
-    metrics = window_metrics(test_probs, test["targets"], test["weights"], labels, thresholds)
-    metrics["macro_f1_at_0.5"] = window_metrics(test_probs, test["targets"], test["weights"], labels)["macro_f1"]
-    log.info("held-out macro-F1 %.3f (%.3f at 0.5) over %d windows; thresholds %s",
-             metrics["macro_f1"], metrics["macro_f1_at_0.5"], len(test_probs), thresholds)
+    metrics = held_out(hold_idx)
+    for name, weak in (("synthetic", False), ("real", True)):
+        part = [i for i in hold_idx if framed[i].weak == weak]
+        if part and len(part) < len(hold_idx):
+            metrics[name] = held_out(part)
+    log.info("held-out macro-F1 %.3f, mAP %.3f over %d windows", metrics["macro_f1"], metrics["mAP"], metrics["windows"])
 
-    # 6. export
+    # 7. export
     cb_id = codebook_id(centroids.numpy())
     manifest = {
         "model_version": f"sf1-{cb_id:08x}",
@@ -134,12 +165,14 @@ def train_all(
             "command": command,
             "seed": cfg.seed,
             "config": dataclasses.asdict(cfg),
-            "data_dir": str(data_dir),
+            "data_dir": ",".join(map(str, data_dirs)),
             "data_layout": dataset.layout,
             "data_sha256": dataset.data_sha256,
             "clips": {"train": len(train_idx), "validation": len(val_idx), "test": len(hold_idx)},
+            "mixtures": augmented,  # of those clips, how many are augmentation mixtures
             "codes_used": int((usage > 0).sum()),
             "metrics": metrics,
+            "calibration": calibration,
             "run_dir": str(storage),
             # epochs at which each stage (re)started: [0] for an uninterrupted stage
             "stages": {name: {"epochs": st["epoch"], "starts": st["starts"]}
@@ -152,6 +185,15 @@ def train_all(
     # the front end's torch weights ride along: parity checks and cloud-side audio use them
     cloud_state = {"frontend": front_end.state_dict(), "code_lm": code_lm.state_dict(), "classifier": classifier.state_dict()}
     return write_bundle(out_dir, EdgeEncoder(front_end, centroids), centroids.numpy(), cloud_state, manifest)
+
+
+def scored_clip(clip: FramedClip, codes: torch.Tensor, labels: tuple[str, ...], code_lm: CodeTransformer,
+                classifier: SceneClassifier, centroids: torch.Tensor) -> ScoredClip:
+    """One clip's windows and probabilities, exactly as the ingest would form them."""
+    windows, probs = window_probabilities(codes.numpy(), code_lm, classifier, centroids,
+                                          classifier.config.window_frames, code_lm.config.context_frames)
+    carried = frozenset(labels[j] for j in np.flatnonzero(clip.labels.any(axis=0)))
+    return ScoredClip(windows, probs, carried, (len(clip.patches) - clip.padded_frames) / FRAMES_PER_SECOND)
 
 
 def train_val_test_split(n_clips: int, cfg: TrainConfig) -> tuple[list[int], list[int], list[int]]:
@@ -167,7 +209,7 @@ def fit_front_end(
     """Stage 1 through Ray Train: the S3 raw-patch front end, trained by frame tagging."""
     import ray
 
-    segments, seg_labels = _segments(clips)
+    segments, seg_labels = _segments(clips, FRONTEND_MAX_SEGMENTS, cfg.seed)
     state = fit_stage(
         name,
         stages.frontend_loop,
@@ -231,34 +273,43 @@ def fit_classifier(
     return classifier.eval(), state
 
 
-def _segments(clips: list[FramedClip]) -> tuple[np.ndarray, np.ndarray]:
+def _segments(clips: list[FramedClip], max_segments: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Cut clips into overlapping 2 s segments: (M, T, P) patches, (M, T, L) labels.
 
     Each clip is cut twice, the second time shifted by half a patch, so the
     front end sees each sound at more than one phase of the patch grid (a raw
-    waveform front end has no shift invariance of its own).
+    waveform front end has no shift invariance of its own). With more than
+    ``max_segments``, a seeded random subset of that many is kept (hours of real
+    background would otherwise cost gigabytes and add little).
     """
-    segs, labs = [], []
-    for clip in clips:
-        audio = clip.patches.reshape(-1)  # (N * P,)
+    cuts = []  # (clip, shift, first patch): decided before any audio is copied
+    for k, clip in enumerate(clips):
         for shift in (0, PATCH_SAMPLES // 2):
-            n = (len(audio) - shift) // PATCH_SAMPLES
-            patches = audio[shift : shift + n * PATCH_SAMPLES].reshape(n, PATCH_SAMPLES)  # (n, P)
-            for start in range(0, n - SEGMENT_FRAMES + 1, SEGMENT_FRAMES // 2):
-                segs.append(patches[start : start + SEGMENT_FRAMES])
-                labs.append(clip.labels[start : start + SEGMENT_FRAMES])
+            n = (len(clip.patches) * PATCH_SAMPLES - shift) // PATCH_SAMPLES
+            cuts += [(k, shift, start) for start in range(0, n - SEGMENT_FRAMES + 1, SEGMENT_FRAMES // 2)]
+    if max_segments is not None and len(cuts) > max_segments:
+        keep = np.sort(np.random.default_rng(seed).choice(len(cuts), max_segments, replace=False))
+        log.info("front end: %d of %d 2 s segments, drawn at random", max_segments, len(cuts))
+        cuts = [cuts[i] for i in keep]
+    segs, labs = [], []
+    for k, shift, start in cuts:
+        audio = clips[k].patches.reshape(-1)[shift + start * PATCH_SAMPLES : shift + (start + SEGMENT_FRAMES) * PATCH_SAMPLES]
+        segs.append(audio.reshape(SEGMENT_FRAMES, PATCH_SAMPLES))
+        labs.append(clips[k].labels[start : start + SEGMENT_FRAMES])
     return np.stack(segs), np.stack(labs)
 
 
 def window_inputs(
-    clips: list[FramedClip], codes: list[torch.Tensor], code_lm: CodeTransformer, window: int, stride: int
+    clips: list[FramedClip], codes: list[torch.Tensor], code_lm: CodeTransformer, window: int, stride: int,
+    weak_stride: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Classifier inputs exactly as the cloud computes them: the LM sees up to its
-    context of codes ending at the window's end, and the last ``window`` states are kept."""
+    context of codes ending at the window's end, and the last ``window`` states are kept.
+    Windows start every ``stride`` frames (``weak_stride`` in weakly labelled clips)."""
     context = code_lm.config.context_frames
     contexts, window_codes, targets, weights = [], [], [], []
     for clip, clip_codes in zip(clips, codes, strict=True):
-        for end in range(window, len(clip_codes) + 1, stride):
+        for end in range(window, len(clip_codes) + 1, (weak_stride or stride) if clip.weak else stride):
             contexts.append(clip_codes[max(0, end - context) : end])
             window_codes.append(clip_codes[end - window : end])
             t, w = window_targets(clip.labels, end - window, window)

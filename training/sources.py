@@ -59,6 +59,8 @@ class Clip:
     wav_path: Path
     events: list[ClipEvent]
     duration_s: float
+    weak: bool = False
+    """True when each label spans the whole file (a folder's or a CSV's label), not a timed event."""
 
 
 @dataclass
@@ -126,6 +128,28 @@ def _is_fsd50k(root: Path) -> bool:
 
 def _is_folders(root: Path) -> bool:
     return bool(_label_folders(root))
+
+
+def load_datasets(paths: Iterable[Path]) -> Dataset:
+    """Several datasets trained on together (the synthetic corpus and a real one): their clips
+    in the order given, the first dataset's labels in its order, then every other label sorted."""
+    datasets = [load_dataset(Path(p)) for p in paths]
+    if not datasets:
+        raise DatasetError("no dataset given")
+    if len(datasets) == 1:
+        return datasets[0]
+    labels = list(datasets[0].labels)
+    labels += sorted({label for d in datasets[1:] for label in d.labels} - set(labels))
+    digest = hashlib.sha256()
+    for d in datasets:
+        digest.update(f"{d.layout}:{d.name}:{d.data_sha256}\0".encode())
+    return Dataset(
+        [clip for d in datasets for clip in d.clips],
+        tuple(labels),
+        "+".join(d.name for d in datasets),
+        digest.hexdigest(),
+        layout="+".join(d.layout for d in datasets),
+    )
 
 
 # --- built-in corpus -----------------------------------------------------------------
@@ -291,7 +315,7 @@ def _weak_clip(wav: Path, labels: list[str], where: str) -> Clip:
         raise DatasetError(f"{where}: {exc}") from None
     if duration_s <= 0:
         raise DatasetError(f"{where}: {wav} holds no audio")
-    return Clip(wav, [ClipEvent(label, 0.0, duration_s) for label in labels], duration_s)
+    return Clip(wav, [ClipEvent(label, 0.0, duration_s) for label in labels], duration_s, weak=True)
 
 
 def _dataset(clips, labels, name, root, metadata) -> Dataset:
