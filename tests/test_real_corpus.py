@@ -262,6 +262,10 @@ def test_the_real_audio_report_states_what_its_json_says(packages, tmp_path):
     horn = results["evaluation"]["events"]["recall"]["car_horn"]
     assert f"| car_horn | 1 | {horn['detected']} | {horn['recall']:.2f} |" in text
     assert "No real test clips for: siren, smoke_alarm" in text
+    curve = results["evaluation"]["metrics"]["pr_curves"]["car_horn"]
+    assert curve["recall"][0] == 1.0 and curve["recall"] == sorted(curve["recall"], reverse=True)
+    assert results["plots"] == ["real-audio-pr.png"] and (tmp_path / "out" / "real-audio-pr.png").stat().st_size > 1000
+    assert "[real-audio-pr.png](real-audio-pr.png)" in text
 
 
 def test_the_real_audio_report_needs_a_built_corpus(tmp_path):

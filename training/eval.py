@@ -23,7 +23,7 @@ from shared_models.detector import classify_windows, load_cloud_models
 from soundfleet.config import CloudConfig
 from training.dataset import load_framed
 from training.eval_events import event_metrics
-from training.evaluate import average_precision, confusion_table, window_metrics
+from training.evaluate import average_precision, confusion_table, precision_recall_curves, window_metrics
 from training.pipeline import window_inputs
 from training.sources import load_dataset
 
@@ -53,6 +53,7 @@ def evaluate_bundle(bundle_dir: Path, data_dir: Path, cloud_config: CloudConfig 
     metrics = window_metrics(probs, win["targets"], win["weights"], labels, thresholds)
     metrics["mAP"] = average_precision(probs, win["targets"], win["weights"], labels)
     metrics["confusion"] = confusion_table(probs, win["targets"], win["weights"], labels, thresholds)
+    metrics["pr_curves"] = precision_recall_curves(probs, win["targets"], win["weights"], labels)
     policies = label_policies(cloud_config or CloudConfig(), manifest)
     events = event_metrics(dataset.clips, labels, policies, encoder, code_lm, classifier, centroids,
                            manifest["code_lm_config"]["context_frames"])

@@ -90,6 +90,34 @@ def average_precision(
     return {"mean": mean, "per_label": per_label}
 
 
+PR_CURVE_THRESHOLDS = tuple(round(0.025 * i, 3) for i in range(41))  # 0.0 .. 1.0
+
+
+def precision_recall_curves(
+    probs: np.ndarray, targets: np.ndarray, weights: np.ndarray, labels: tuple[str, ...],
+    thresholds: tuple[float, ...] = PR_CURVE_THRESHOLDS,
+) -> dict[str, dict[str, list[float]]]:
+    """Per label with positives: precision and recall of its windows at each threshold.
+
+    Precision is 1.0 where nothing is predicted (the convention that keeps the curve's
+    left end at the top).
+    """
+    curves = {}
+    for j, name in enumerate(labels):
+        m = weights[:, j] > 0
+        truth = targets[m, j] >= 0.5
+        if not truth.any():
+            continue
+        precision, recall = [], []
+        for t in thresholds:
+            pred = probs[m, j] >= t
+            tp = int((pred & truth).sum())
+            precision.append(round(tp / int(pred.sum()), 4) if pred.any() else 1.0)
+            recall.append(round(tp / int(truth.sum()), 4))
+        curves[name] = {"threshold": list(thresholds), "precision": precision, "recall": recall}
+    return curves
+
+
 def confusion_table(
     probs: np.ndarray,
     targets: np.ndarray,

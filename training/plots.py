@@ -239,3 +239,19 @@ def plot_lines(
     if len(series) > 1:
         ax.legend()
     return _save(fig, path)
+
+
+def plot_pr_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: Path | str, title: str) -> Path:
+    """One precision-recall curve per label (``training.evaluate.precision_recall_curves``)."""
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        ax.plot(curve["recall"], curve["precision"], ".-", label=name)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall (windows)")
+    ax.set_ylabel("precision (windows)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)

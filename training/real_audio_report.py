@@ -43,14 +43,30 @@ def run_real_audio_report(corpus_dir: Path, bundle_dir: Path, out_dir: Path, com
         "corpus": {k: v for k, v in json.loads(summary_path.read_text()).items() if k != "duplicates"},  # a count is in skipped
         "bundle": {"model_version": manifest["model_version"],
                    "command": manifest.get("training", {}).get("command"),
-                   "trained_on": {k: manifest.get("training", {}).get(k) for k in ("data_layout", "data_sha256")}},
+                   "trained_on": {k: manifest.get("training", {}).get(k) for k in ("data_layout", "data_sha256")},
+                   "calibration": manifest.get("training", {}).get("calibration")},
         "evaluation": evaluation,
         "wall_s": round(time.monotonic() - started, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    results["plots"] = _plots(evaluation, out_dir)
     (out_dir / "real-audio.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "real-audio.md").write_text(render(results))
     return results
+
+
+def _plots(evaluation: dict[str, Any], out_dir: Path) -> list[str]:
+    """real-audio-pr.png (precision-recall per label), when matplotlib is installed."""
+    try:
+        from training.plots import plot_pr_curves
+    except ImportError:  # pragma: no cover - matplotlib is in the dev lock
+        return []
+    path = plot_pr_curves(evaluation["metrics"]["pr_curves"], Path(out_dir) / PR_PLOT,
+                          f"Real test split: {evaluation['model_version']}")
+    return [path.name]
+
+
+PR_PLOT = "real-audio-pr.png"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -106,6 +122,12 @@ def render(r: dict[str, Any]) -> str:
     for label, n in sorted(pool["false_events_by_label"].items(), key=lambda kv: -kv[1]):
         on = events["policies"][label]["on_threshold"]
         lines.append(f"| {label} | {n} | {_number(n / days if days else None)} | {on:g} |")
+    calibration = r["bundle"].get("calibration")
+    if calibration:
+        lines += ["", f"The bundle's on-thresholds were calibrated by `soundfleet train` for "
+                  f"{calibration['budget_per_24h']:g} false event per 24 h on {calibration['pool_hours']:.2f} h of "
+                  f"validation negatives from the training packages ({calibration['false_events_allowed_per_label']} "
+                  "events allowed per label there)."]
     lines += [
         "",
         "## Recall at the shipped thresholds (clips with an event of their label)",
@@ -128,7 +150,9 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
                          f"{ap.get(label, 0.0):.3f} | {c['support']} |")
     lines += ["", f"Macro-F1 {ev['metrics']['macro_f1']:.3f}, mAP {ev['metrics']['mAP']['mean']:.3f} over "
-              f"{ev['metrics']['windows']} windows.", "",
+              f"{ev['metrics']['windows']} windows."]
+    lines += [f"Precision-recall curves per label: [{name}]({name})." for name in r.get("plots", [])]
+    lines += ["",
               "## Reproduce", "",
               "```sh",
               "soundfleet data real --out runs/real     # the corpus: Debian packages, split by package",
