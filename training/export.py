@@ -82,9 +82,15 @@ def write_bundle(
 def bundle_readme(manifest: dict[str, Any]) -> str:
     """A human-readable account of how the bundle was made (the manifest is the source of truth)."""
     t = manifest["training"]
-    m, cal = t["metrics"], t["calibration"]
+    m, cal = t["metrics"], t.get("calibration")
     parts = "".join(f"; {name} clips alone: macro-F1 {m[name]['macro_f1']:.3f}, mAP {m[name]['mAP']:.3f}"
                     for name in ("synthetic", "real") if name in m)
+    if "mAP" in m:
+        parts = f", mAP {m['mAP']:.3f}{parts}"
+    # bundles trained before the false-alarm calibration chose thresholds by window F1
+    how = (f"the lowest that kept the validation clips' negatives\n({cal['pool_hours']} h of background, "
+           f"confusers and speech) within\n{cal['budget_per_24h']:g} false event per 24 h, through the live event logic"
+           if cal else "the ones that maximised window F1 on the validation clips")
     rows = "\n".join(
         f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} | "
         f"{m['thresholds'][label]:.2f} |"
@@ -102,12 +108,10 @@ Made by `soundfleet train`; everything here is also in `manifest.json`.
 - codebook: K={manifest['codebook_size']}, id {manifest['codebook_id']}, {t['codes_used']} codes used
 - wire version {manifest['wire_version']}
 
-Per-label on-thresholds: the lowest that kept the validation clips' negatives
-({cal['pool_hours']} h of background, confusers and speech) within
-{cal['budget_per_24h']:g} false event per 24 h, through the live event logic.
+Per-label on-thresholds: {how}.
 
 Held-out test clips, one decision per 1 s window, at those thresholds:
-macro-F1 **{m['macro_f1']:.3f}**, mAP {m['mAP']:.3f}, {m['windows']} windows{parts}.
+macro-F1 **{m['macro_f1']:.3f}**{parts}, {m['windows']} windows.
 
 | label | precision | recall | F1 | positive windows | threshold |
 |---|---|---|---|---|---|
