@@ -44,34 +44,6 @@ def window_metrics(
     }
 
 
-THRESHOLD_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
-
-
-def calibrate_thresholds(
-    probs: np.ndarray, targets: np.ndarray, weights: np.ndarray, labels: tuple[str, ...]
-) -> dict[str, float]:
-    """Per-label decision threshold maximising F1 on a validation split.
-
-    Ties go to the higher threshold (fewer false alarms); a label with no
-    positives in the split keeps 0.5.
-    """
-    thresholds = {}
-    for j, name in enumerate(labels):
-        m = weights[:, j] > 0
-        truth = targets[m, j] >= 0.5
-        if not truth.any():
-            thresholds[name] = 0.5
-            continue
-        best = (-1.0, 0.5)
-        for t in THRESHOLD_GRID:
-            pred = probs[m, j] >= t
-            tp = int((pred & truth).sum())
-            f1 = 2 * tp / max(int(pred.sum()) + int(truth.sum()), 1)
-            best = max(best, (f1, t))
-        thresholds[name] = best[1]
-    return thresholds
-
-
 def average_precision(
     probs: np.ndarray, targets: np.ndarray, weights: np.ndarray, labels: tuple[str, ...]
 ) -> dict:
