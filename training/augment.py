@@ -195,7 +195,7 @@ def augment_clips(
     Returns strongly labelled clips; none when ``clips`` has no event clips or no negatives.
     """
     rng = np.random.default_rng(seed)
-    carried = [frozenset(labels[j] for j in np.flatnonzero(c.labels.any(axis=0))) for c in clips]
+    carried = [c.carried(labels) for c in clips]
     negatives = [(c, tuple(sorted(on))) for c, on in zip(clips, carried, strict=True) if c.weak and on <= quiet]
     out: list[FramedClip] = []
     if not negatives or per_label <= 0:

@@ -56,6 +56,10 @@ class FramedClip:
     weak: bool = False  # each label spans the whole recording (see training.sources.Clip.weak)
     padded_frames: int = 0  # digital silence appended to reach a minimum length (not heard audio)
 
+    def carried(self, labels: tuple[str, ...]) -> frozenset[str]:
+        """The labels active in any frame of the clip (``labels`` names the columns)."""
+        return frozenset(labels[j] for j in np.flatnonzero(self.labels.any(axis=0)))
+
 
 def load_framed(clips: list[Clip], labels: tuple[str, ...], min_frames: int = 0) -> list[FramedClip]:
     """Read, resample to 16 kHz mono and frame every clip, with frame labels over ``labels``.

@@ -161,14 +161,17 @@ def calibrate_event_thresholds(scored: list[ScoredClip], labels: tuple[str, ...]
     for j, label in enumerate(labels):
         negatives = [c for c in pool if label not in c.carried]
         positives = [c for c in scored if label in c.carried]
+
+        def at(t: float, base: EventPolicy = policies[label]) -> EventPolicy:
+            return dataclasses.replace(base, on_threshold=t, off_threshold=min(base.off_threshold, t))
+
         chosen, false = grid[-1], None
         for t in grid:
-            policy = dataclasses.replace(policies[label], on_threshold=t, off_threshold=min(policies[label].off_threshold, t))
-            false = sum(label_event_count(c, j, policy, window_frames) for c in negatives)
+            false = sum(label_event_count(c, j, at(t), window_frames) for c in negatives)
             if false <= allowed:
                 chosen = t
                 break
-        policy = dataclasses.replace(policies[label], on_threshold=chosen, off_threshold=min(policies[label].off_threshold, chosen))
+        policy = at(chosen)
         hits = sum(label_event_count(c, j, policy, window_frames) > 0 for c in positives)
         thresholds[label] = chosen
         report["labels"][label] = {"on_threshold": chosen, "pool_false_events": false,

@@ -44,17 +44,22 @@ def window_metrics(
     }
 
 
+def _scored_labels(probs: np.ndarray, targets: np.ndarray, weights: np.ndarray, labels: tuple[str, ...]):
+    """Per label with at least one positive: (name, scores, truth) over its unambiguous windows."""
+    for j, name in enumerate(labels):
+        m = weights[:, j] > 0
+        truth = targets[m, j] >= 0.5
+        if truth.any():
+            yield name, probs[m, j], truth
+
+
 def average_precision(
     probs: np.ndarray, targets: np.ndarray, weights: np.ndarray, labels: tuple[str, ...]
 ) -> dict:
     """Per-label average precision (area under the precision-recall steps) and their mean (mAP)."""
     per_label = {}
-    for j, name in enumerate(labels):
-        m = weights[:, j] > 0
-        truth = targets[m, j] >= 0.5
-        if not truth.any():
-            continue
-        order = np.argsort(-probs[m, j], kind="stable")
+    for name, scores, truth in _scored_labels(probs, targets, weights, labels):
+        order = np.argsort(-scores, kind="stable")
         hits = truth[order]
         precision_at_hit = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
         per_label[name] = round(float(precision_at_hit.mean()), 4)
@@ -75,14 +80,10 @@ def precision_recall_curves(
     left end at the top).
     """
     curves = {}
-    for j, name in enumerate(labels):
-        m = weights[:, j] > 0
-        truth = targets[m, j] >= 0.5
-        if not truth.any():
-            continue
+    for name, scores, truth in _scored_labels(probs, targets, weights, labels):
         precision, recall = [], []
         for t in thresholds:
-            pred = probs[m, j] >= t
+            pred = scores >= t
             tp = int((pred & truth).sum())
             precision.append(round(tp / int(pred.sum()), 4) if pred.any() else 1.0)
             recall.append(round(tp / int(truth.sum()), 4))

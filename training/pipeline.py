@@ -192,8 +192,7 @@ def scored_clip(clip: FramedClip, codes: torch.Tensor, labels: tuple[str, ...], 
     """One clip's windows and probabilities, exactly as the ingest would form them."""
     windows, probs = window_probabilities(codes.numpy(), code_lm, classifier, centroids,
                                           classifier.config.window_frames, code_lm.config.context_frames)
-    carried = frozenset(labels[j] for j in np.flatnonzero(clip.labels.any(axis=0)))
-    return ScoredClip(windows, probs, carried, (len(clip.patches) - clip.padded_frames) / FRAMES_PER_SECOND)
+    return ScoredClip(windows, probs, clip.carried(labels), (len(clip.patches) - clip.padded_frames) / FRAMES_PER_SECOND)
 
 
 def train_val_test_split(n_clips: int, cfg: TrainConfig) -> tuple[list[int], list[int], list[int]]:
