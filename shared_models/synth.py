@@ -24,9 +24,12 @@ from __future__ import annotations
 from shared_models.synth_events import (
     EVENT_GENERATORS,
     EVENT_PEAK,
+    EXTRA_GENERATORS,
     T3_CYCLE_S,
+    T4_CYCLE_S,
     generate_event,
     t3_gate,
+    t4_gate,
 )
 from shared_models.synth_scene import (
     BACKGROUND_GENERATORS,
@@ -46,7 +49,9 @@ __all__ = [
     "BACKGROUND_GENERATORS",
     "EVENT_GENERATORS",
     "EVENT_PEAK",
+    "EXTRA_GENERATORS",
     "T3_CYCLE_S",
+    "T4_CYCLE_S",
     "LabelledEvent",
     "Scene",
     "active_rms",
@@ -58,4 +63,5 @@ __all__ = [
     "random_scene",
     "scripted_scene",
     "t3_gate",
+    "t4_gate",
 ]

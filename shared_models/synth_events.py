@@ -84,6 +84,34 @@ def smoke_alarm(rng: np.random.Generator, duration_s: float | None) -> np.ndarra
     return tone * gate
 
 
+T4_BEEP_S = 0.1
+T4_GAP_S = 0.1
+T4_PAUSE_S = 5.0
+T4_CYCLE_S = 4 * T4_BEEP_S + 3 * T4_GAP_S + T4_PAUSE_S  # 5.7 s
+"""UL 2034 / NFPA 720 temporal-four carbon-monoxide pattern: four 0.1 s beeps 0.1 s apart,
+then 5 s off."""
+
+
+def t4_gate(t_s: np.ndarray) -> np.ndarray:
+    """1.0 where the T4 pattern (starting at t = 0) is sounding, else 0.0."""
+    pos = t_s % T4_CYCLE_S
+    on = (pos < 4 * T4_BEEP_S + 3 * T4_GAP_S) & ((pos % (T4_BEEP_S + T4_GAP_S)) < T4_BEEP_S)
+    return on.astype(np.float64)
+
+
+def co_alarm(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """Piezo carbon-monoxide alarm at ~3.0-3.4 kHz in the T4 pattern; one or two bursts of four
+    beeps (0.7 s, or 6.4 s with the pause between). Not one of the built-in labels: the sound a
+    user adds as their own class (``soundfleet train --base``), and the tests' held-out class."""
+    if duration_s is None:
+        duration_s = rng.integers(1, 3) * T4_CYCLE_S - T4_PAUSE_S
+    n = n_samples(duration_s)
+    t = np.arange(n) / SAMPLE_RATE_HZ
+    freq_hz = rng.uniform(3000.0, 3400.0) * (1 + 0.002 * np.sin(2 * np.pi * rng.uniform(3, 8) * t))
+    tone = harmonic_tone(phase_of(freq_hz), freq_hz, (1.0, 0.2))
+    return tone * smooth(t4_gate(t), n_samples(0.004))
+
+
 def doorbell(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
     """Two-tone "ding-dong" chime: struck bars a major third apart, decaying partials."""
     n = n_samples(rng.uniform(1.5, 2.0) if duration_s is None else duration_s)
@@ -242,15 +270,19 @@ EVENT_GENERATORS: dict[str, EventFn] = {
 }
 """Label -> generator(rng, duration_s or None for the class's own default)."""
 
+EXTRA_GENERATORS: dict[str, EventFn] = {"co_alarm": co_alarm}
+"""Sounds outside the built-in labels (the corpus never draws them): custom classes a user
+adds on top of a bundle, and the few-shot tests' held-out class."""
+
 
 def generate_event(
     label: str, rng: np.random.Generator, duration_s: float | None = None
 ) -> np.ndarray:
     """One event of class ``label``: float32, peak-normalised to :data:`EVENT_PEAK`."""
     try:
-        make = EVENT_GENERATORS[label]
+        make = {**EVENT_GENERATORS, **EXTRA_GENERATORS}[label]
     except KeyError:
-        known = ", ".join(EVENT_GENERATORS)
+        known = ", ".join([*EVENT_GENERATORS, *EXTRA_GENERATORS])
         raise KeyError(f"unknown event label {label!r}; known labels: {known}") from None
     if duration_s is not None and not duration_s > 0:
         raise ValueError(f"duration_s must be positive, got {duration_s!r}")
@@ -259,4 +291,5 @@ def generate_event(
     return peak_normalise(x, EVENT_PEAK)
 
 
-__all__ = ["EVENT_GENERATORS", "EVENT_PEAK", "T3_CYCLE_S", "generate_event", "t3_gate"]
+__all__ = ["EVENT_GENERATORS", "EVENT_PEAK", "EXTRA_GENERATORS", "T3_CYCLE_S", "T4_CYCLE_S", "generate_event", "t3_gate",
+           "t4_gate"]

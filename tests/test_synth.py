@@ -13,7 +13,9 @@ from shared_models.constants import EVENT_LABELS, SAMPLE_RATE_HZ
 from shared_models.synth import (
     BACKGROUNDS,
     EVENT_GENERATORS,
+    EXTRA_GENERATORS,
     T3_CYCLE_S,
+    T4_CYCLE_S,
     generate_background,
     generate_event,
     random_scene,
@@ -174,6 +176,22 @@ def test_smoke_alarm_beeps_near_3_1_khz_in_the_t3_pattern():
                 assert window_rms(x, t0 + 2.55, t0 + 3.95) < min(beeps) / 100
 
 
+def test_co_alarm_beeps_in_the_t4_pattern_and_is_no_built_in_label():
+    assert "co_alarm" in EXTRA_GENERATORS and "co_alarm" not in EVENT_LABELS
+    for seed in range(4):
+        x = event("co_alarm", seed)
+        assert 2900 <= dominant_hz(x) <= 3500
+        bursts = round((len(x) / SAMPLE_RATE_HZ + 5.0) / T4_CYCLE_S)
+        assert bursts in (1, 2)
+        for b in range(bursts):
+            t0 = b * T4_CYCLE_S
+            beeps = [window_rms(x, t0 + s + 0.02, t0 + s + 0.08) for s in (0.0, 0.2, 0.4, 0.6)]
+            gaps = [window_rms(x, t0 + s + 0.02, t0 + s + 0.08) for s in (0.1, 0.3, 0.5)]
+            assert min(beeps) > 100 * max(gaps)
+            if b + 1 < bursts:  # the 5 s pause before the next burst
+                assert window_rms(x, t0 + 0.75, t0 + 5.65) < min(beeps) / 100
+
+
 def test_siren_fundamental_sweeps_within_500_to_1800_hz():
     frame = int(0.05 * SAMPLE_RATE_HZ)
     for seed in range(6):
@@ -259,17 +277,6 @@ def test_random_scenes_are_deterministic_and_stay_in_range():
         assert len(scene.events) <= 3
         for e in scene.events:
             assert e.label in EVENT_LABELS and 0 <= e.onset_s < e.offset_s <= 5.0
-
-
-def test_a_ten_second_scene_takes_well_under_a_fifth_of_a_second():
-    import time
-
-    seconds = []
-    for _ in range(3):  # seed 0: babble (the slowest background) and three events
-        start = time.perf_counter()
-        random_scene(np.random.default_rng(0), duration_s=10.0)
-        seconds.append(time.perf_counter() - start)
-    assert min(seconds) < 0.2
 
 
 def test_scripted_scene_puts_events_at_the_requested_onsets():

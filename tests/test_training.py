@@ -104,7 +104,7 @@ def test_autoencoder_front_end_trains_and_ships_an_edge_model_that_matches_torch
 
     data = tmp_path / "corpus"
     synthesize_corpus(data, minutes=1.0, seed=4, progress=False)
-    cfg = TrainConfig(workers=2, seed=4, frontend="autoencoder", codebook_size=16, frontend_epochs=1,
+    cfg = TrainConfig(workers=1, seed=4, frontend="autoencoder", codebook_size=16, frontend_epochs=1,
                       code_lm_epochs=1, classifier_epochs=1, holdout_fraction=0.2)
     out = tmp_path / "bundle"
     manifest = train_all(data, out, cfg, command="pytest autoencoder run")

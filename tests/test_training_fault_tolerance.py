@@ -93,7 +93,8 @@ def test_resume_continues_a_killed_training_run_at_its_saved_epoch(tmp_path):
     out = tmp_path / "bundle"
     cmd = [sys.executable, "-m", "soundfleet.cli", "train", "--data", str(data), "--out", str(out),
            "--workers", "1", "--codebook-size", "16", "--log-level", "warning"]
-    env = {**os.environ, "SOUNDFLEET_TRAIN__FRONTEND_EPOCHS": "8", "SOUNDFLEET_TRAIN__FRONTEND_HIDDEN": "32",
+    epochs = 30  # a report every ~0.2 s (conftest's Ray Train poll): the kill lands seconds before the stage ends
+    env = {**os.environ, "SOUNDFLEET_TRAIN__FRONTEND_EPOCHS": str(epochs), "SOUNDFLEET_TRAIN__FRONTEND_HIDDEN": "32",
            "SOUNDFLEET_TRAIN__CODE_LM_EPOCHS": "1", "SOUNDFLEET_TRAIN__CLASSIFIER_EPOCHS": "1"}
     # the whole run, Ray cluster included, in its own process group so it can be killed like a crash
     first = subprocess.Popen(cmd, env=env, start_new_session=True,
@@ -109,9 +110,9 @@ def test_resume_continues_a_killed_training_run_at_its_saved_epoch(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     training = json.loads((out / "manifest.json").read_text())["training"]
     frontend = training["stages"]["frontend"]
-    assert frontend["epochs"] == 8
+    assert frontend["epochs"] == epochs
     assert frontend["starts"][0] == 0 and len(frontend["starts"]) == 2
-    assert 0 < frontend["starts"][1] < 8  # continued at the saved epoch
+    assert 0 < frontend["starts"][1] < epochs  # continued at the saved epoch
     assert len(list((out / "ray_runs").glob("run-*"))) == 1  # the same run, not a new one
 
 

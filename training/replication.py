@@ -62,8 +62,10 @@ PRESETS: dict[str, ReplicationConfig] = {
                         classifier_epochs=30, cnn_epochs=30),
     ),
     # every stage for one or two epochs on 3 minutes of audio: proves the whole command in CI
+    # (one worker per stage: at this size a stage is Ray Train's start-up, and a second worker doubles it)
     "smoke": ReplicationConfig(
         corpus_minutes=3.0,
+        workers=1,
         s1=S1Experiment(target_params=20_000, context_samples=128, cond_context=512, steps_per_epoch=5, epochs=1,
                         warmup_steps=2, eval_positions=512, eval_targets=64),
         s2=S2Experiment(codebook_sizes=(16, 32), autoencoder_epochs=1, code_lm_epochs=1, supervised_epochs=1,
