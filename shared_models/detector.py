@@ -14,7 +14,11 @@ import torch
 
 from shared_models import bundle
 from shared_models.code_transformer import CodeTransformer, CodeTransformerConfig
-from shared_models.scene_classifier import SceneClassifier, SceneClassifierConfig
+from shared_models.scene_classifier import (
+    ExtendedClassifier,
+    SceneClassifier,
+    SceneClassifierConfig,
+)
 
 LM_CHUNK = 16  # contexts per code LM pass in lm_window_states
 
@@ -56,13 +60,20 @@ def classify_windows(
     return torch.sigmoid(classifier(lm_states, centroids[window_codes]))
 
 
-def load_cloud_models(bundle_dir: Path) -> tuple[dict, CodeTransformer, SceneClassifier, torch.Tensor]:
-    """Verify the bundle and rebuild both models from the configs saved in its manifest."""
+def load_cloud_models(
+    bundle_dir: Path,
+) -> tuple[dict, CodeTransformer, SceneClassifier | ExtendedClassifier, torch.Tensor]:
+    """Verify the bundle and rebuild both models from the configs saved in its manifest (with a
+    user's own classes, the classifier is the base one extended by theirs)."""
     manifest = bundle.verify_bundle(bundle_dir)
     weights = torch.load(Path(bundle_dir) / bundle.CLOUD_WEIGHTS, map_location="cpu", weights_only=True)
     code_lm = CodeTransformer(CodeTransformerConfig(**manifest["code_lm_config"]))
     code_lm.load_state_dict(weights["code_lm"])
     classifier = SceneClassifier(SceneClassifierConfig(**manifest["classifier_config"]))
     classifier.load_state_dict(weights["classifier"])
+    if "custom_classifier_config" in manifest:  # a user's own classes on top (`soundfleet train --base`)
+        custom = SceneClassifier(SceneClassifierConfig(**manifest["custom_classifier_config"]))
+        custom.load_state_dict(weights["custom_classifier"])
+        classifier = ExtendedClassifier(classifier, custom)
     centroids = torch.tensor(np.load(Path(bundle_dir) / bundle.CODEBOOK))
     return manifest, code_lm.eval(), classifier.eval(), centroids

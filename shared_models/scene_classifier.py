@@ -16,6 +16,7 @@ feed one sigmoid per event label.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,3 +101,20 @@ class SceneClassifier(nn.Module):
                 x = self.encoder.norm(x)
         pooled = torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=-1)  # (B, 2C)
         return self.head(pooled)  # (B, L)
+
+
+class ExtendedClassifier(nn.Module):
+    """A bundle's classifier plus a user's own classes (``soundfleet train --base``): the base
+    classifier's outputs, unchanged, then those of a small classifier of the new labels trained
+    on the same inputs. ``config`` is the base's with every output counted."""
+
+    def __init__(self, base: SceneClassifier, custom: SceneClassifier):
+        super().__init__()
+        if custom.config.window_frames != base.config.window_frames:
+            raise ValueError("the custom classifier must read the base classifier's window")
+        self.base, self.custom = base, custom
+        self.config = dataclasses.replace(base.config, num_labels=base.config.num_labels + custom.config.num_labels)
+
+    def forward(self, lm_hidden: torch.Tensor, code_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, W, lm_dim), (B, W, emb_dim) -> logits (B, base labels + custom labels)."""
+        return torch.cat([self.base(lm_hidden, code_embeddings), self.custom(lm_hidden, code_embeddings)], dim=-1)

@@ -112,6 +112,20 @@ def co_alarm(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
     return tone * smooth(t4_gate(t), n_samples(0.004))
 
 
+def kettle(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
+    """A whistling kettle: a breathy whistle near 1.8-2.6 kHz that rises as the steam builds
+    and then holds, wobbling; 3-6 s. Not one of the built-in labels (see :data:`EXTRA_GENERATORS`)."""
+    n = n_samples(rng.uniform(3.0, 6.0) if duration_s is None else duration_s)
+    t = np.arange(n) / SAMPLE_RATE_HZ
+    rise_s = rng.uniform(0.8, 2.0)
+    f0 = rng.uniform(1800.0, 2300.0) * (1 + rng.uniform(0.1, 0.25) * np.minimum(t / rise_s, 1.0))
+    freq_hz = f0 * (1 + 0.01 * np.sin(2 * np.pi * rng.uniform(4, 9) * t))
+    tone = harmonic_tone(phase_of(freq_hz), freq_hz, (1.0, 0.05))
+    breath = filter_static(rng.standard_normal(n), lambda f: resonance_gain(f, float(np.mean(f0)), 400.0))
+    level = np.minimum(t / rise_s, 1.0) ** 1.5  # the whistle swells as it starts
+    return (tone + 0.3 * breath / max(np.std(breath), 1e-9)) * level * ar_envelope(n, 0.0, 0.15)
+
+
 def doorbell(rng: np.random.Generator, duration_s: float | None) -> np.ndarray:
     """Two-tone "ding-dong" chime: struck bars a major third apart, decaying partials."""
     n = n_samples(rng.uniform(1.5, 2.0) if duration_s is None else duration_s)
@@ -270,7 +284,7 @@ EVENT_GENERATORS: dict[str, EventFn] = {
 }
 """Label -> generator(rng, duration_s or None for the class's own default)."""
 
-EXTRA_GENERATORS: dict[str, EventFn] = {"co_alarm": co_alarm}
+EXTRA_GENERATORS: dict[str, EventFn] = {"co_alarm": co_alarm, "kettle": kettle}
 """Sounds outside the built-in labels (the corpus never draws them): custom classes a user
 adds on top of a bundle, and the few-shot tests' held-out class."""
 

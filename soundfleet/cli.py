@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.2 for a smoke run)")
     train.add_argument("--storage-path", type=Path, help="Ray Train checkpoint storage (default OUT/ray_runs)")
     train.add_argument("--resume", action="store_true", help="continue the latest run under the storage path from its checkpoints instead of starting a new run")
+    train.add_argument("--base", type=Path, help="add the labels of --data that this bundle lacks (a user's own classes, 5-20 recordings each) to it: its edge model, codebook and code LM stay as they are, so devices need no new model; only new classifier outputs are trained")
     _add_common(train)
 
     ev = sub.add_parser("eval", help="evaluate a model bundle on a labelled dataset", description="Run a bundle over a labelled dataset through the edge ONNX encoder and the cloud models; print per-label precision/recall/F1, macro-F1, mAP and a confusion table as JSON.")

@@ -142,6 +142,8 @@ class TrainConfig:
     holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
     augment_per_label: int = field(default=160, metadata={"doc": "mixtures per label of weakly labelled event recordings (a folder of real barks) into the dataset's real negatives, for training (a quarter as many for validation); 0 = none"})
     false_events_per_24h: float = field(default=1.0, metadata={"doc": "false-alarm budget the per-label thresholds are calibrated for, on the validation clips' negatives (all labels together)"})
+    few_shot_negative_minutes: float = field(default=30.0, metadata={"doc": "`train --base`: minutes of the synthetic corpus generated as negatives for a user's new classes"})
+    few_shot_epochs: int = field(default=10, metadata={"doc": "`train --base`: epochs of the new classifier outputs"})
     checkpoint_every: int = field(default=1, metadata={"doc": "epochs between Ray Train checkpoints"})
     storage_path: str = field(default="", metadata={"doc": "Ray Train storage for checkpoints; empty = OUT/ray_runs"})
 
@@ -162,6 +164,8 @@ class TrainConfig:
             raise ConfigError("train.augment_per_label must be >= 0")
         if not self.false_events_per_24h >= 0:
             raise ConfigError("train.false_events_per_24h must be >= 0")
+        if not self.few_shot_negative_minutes > 0 or self.few_shot_epochs < 1:
+            raise ConfigError("train.few_shot_negative_minutes must be > 0 and train.few_shot_epochs >= 1")
 
 
 @dataclass

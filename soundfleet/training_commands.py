@@ -53,6 +53,8 @@ def train_command(args, config) -> int:
     for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
         setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))
     cfg.validate()
+    if args.base:
+        return _train_few_shot(args, cfg)
     try:
         manifest = train_all(args.data, args.out, cfg, command="soundfleet " + " ".join(args.argv),
                              resume=args.resume)
@@ -61,6 +63,25 @@ def train_command(args, config) -> int:
         return 1
     log.info("bundle %s written to %s; held-out macro-F1 %.3f", manifest["model_version"], args.out,
              manifest["training"]["metrics"]["macro_f1"])
+    return 0
+
+
+def _train_few_shot(args, cfg) -> int:
+    from shared_models.bundle import BundleError
+    from training.few_shot import FewShotError, add_classes
+    from training.sources import DatasetError
+
+    if args.resume:
+        log.error("--resume does not apply to --base (the few-shot head trains in a minute); run it again")
+        return 1
+    try:
+        manifest = add_classes(args.base, args.data, args.out, cfg, command="soundfleet " + " ".join(args.argv))
+    except (BundleError, DatasetError, FewShotError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    added = manifest["training"]["few_shot"]["labels"]
+    log.info("bundle %s written to %s: %s added to %s (edge model unchanged: no rollout needed)",
+             manifest["model_version"], args.out, ", ".join(added), manifest["base"]["model_version"])
     return 0
 
 

@@ -192,6 +192,17 @@ def test_co_alarm_beeps_in_the_t4_pattern_and_is_no_built_in_label():
                 assert window_rms(x, t0 + 0.75, t0 + 5.65) < min(beeps) / 100
 
 
+def test_kettle_whistles_between_1_8_and_3_khz_and_rises_then_holds():
+    assert "kettle" in EXTRA_GENERATORS and "kettle" not in EVENT_LABELS
+    frame = int(0.1 * SAMPLE_RATE_HZ)
+    for seed in range(4):
+        x = event("kettle", seed)
+        assert 3.0 - 0.01 <= len(x) / SAMPLE_RATE_HZ <= 6.0 + 0.01
+        pitches = [dominant_hz(x[i : i + frame]) for i in range(frame, len(x) - frame, frame)]
+        assert all(1700 <= p <= 3000 for p in pitches), (seed, min(pitches), max(pitches))
+        assert np.median(pitches[-5:]) > 1.05 * pitches[0]  # the steam builds
+
+
 def test_siren_fundamental_sweeps_within_500_to_1800_hz():
     frame = int(0.05 * SAMPLE_RATE_HZ)
     for seed in range(6):

@@ -141,6 +141,11 @@ def label_event_count(clip: ScoredClip, j: int, policy: EventPolicy, window_fram
     return len(clip_events(clip.windows, list(clip.probs[:, j : j + 1]), ["x"], {"x": policy}, window_frames))
 
 
+def at_threshold(policy: EventPolicy, on_threshold: float) -> EventPolicy:
+    """``policy`` with its on-threshold moved (the off-threshold never above it)."""
+    return dataclasses.replace(policy, on_threshold=on_threshold, off_threshold=min(policy.off_threshold, on_threshold))
+
+
 def calibrate_event_thresholds(scored: list[ScoredClip], labels: tuple[str, ...], policies: dict[str, EventPolicy],
                                window_frames: int, budget_per_24h: float,
                                grid: tuple[float, ...] = CALIBRATION_GRID) -> tuple[dict[str, float], dict]:
@@ -163,7 +168,7 @@ def calibrate_event_thresholds(scored: list[ScoredClip], labels: tuple[str, ...]
         positives = [c for c in scored if label in c.carried]
 
         def at(t: float, base: EventPolicy = policies[label]) -> EventPolicy:
-            return dataclasses.replace(base, on_threshold=t, off_threshold=min(base.off_threshold, t))
+            return at_threshold(base, t)
 
         chosen, false = grid[-1], None
         for t in grid:

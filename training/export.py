@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,12 @@ def write_bundle(
     export_edge_onnx(encoder, out_dir / bundle.EDGE_MODEL, onnx_meta)
     np.save(out_dir / bundle.CODEBOOK, centroids.astype(np.float32))
     torch.save(cloud_state, out_dir / bundle.CLOUD_WEIGHTS)
+    return finish_bundle(out_dir, manifest, bundle_readme)
+
+
+def finish_bundle(out_dir: Path, manifest: dict[str, Any], readme: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """With the model files in ``out_dir``: add the format, wire version and every file's sha256
+    to ``manifest``, write it and the README that ``readme`` renders from it; returns it."""
     manifest = {
         **manifest,
         "bundle_format": bundle.BUNDLE_FORMAT,
@@ -74,7 +81,7 @@ def write_bundle(
         "sha256": {name: bundle.file_sha256(out_dir / name) for name in bundle.BUNDLE_FILES},
     }
     (out_dir / bundle.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (out_dir / "README.md").write_text(bundle_readme(manifest))
+    (out_dir / "README.md").write_text(readme(manifest))
     log.info("wrote bundle %s (model %s)", out_dir, manifest["model_version"])
     return manifest
 

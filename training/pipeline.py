@@ -253,8 +253,10 @@ def fit_classifier(
     cfg: TrainConfig,
     run: dict[str, Any],
     name: str = "classifier",
+    init_body: dict[str, torch.Tensor] | None = None,
 ) -> tuple[SceneClassifier, dict[str, Any]]:
-    """Stage 4 through Ray Train: the scene classifier on ``window_inputs`` windows."""
+    """Stage 4 through Ray Train: the scene classifier on ``window_inputs`` windows (starting
+    from ``init_body``, a classifier's weights without its head, when given)."""
     import ray
 
     state = fit_stage(
@@ -264,6 +266,7 @@ def fit_classifier(
             "spec": StageSpec(name, cfg.classifier_epochs, 1e-3, 64, cfg.seed, cfg.checkpoint_every),
             "model_config": config,
             "data_ref": ray.put({**windows, "centroids": centroids.numpy()}),
+            "init_body": init_body,
         },
         **run,
     )

@@ -87,7 +87,10 @@ def classifier_loop(config: dict) -> None:
     cls_config: SceneClassifierConfig = config["model_config"]
     data = ray.get(config["data_ref"])  # states (M,W,C), codes (M,W), targets, weights (M,L)
     centroids = torch.tensor(data["centroids"])
-    model = _prepare(SceneClassifier(cls_config))
+    model = SceneClassifier(cls_config)
+    if config.get("init_body") is not None:  # a user's classes start from the base classifier's body
+        model.load_state_dict(config["init_body"], strict=False)
+    model = _prepare(model)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-3)
     # rare labels get somewhat more weight on their positives; capped low, because a
     # large weight buys recall with false alarms, the costlier error for alert users
