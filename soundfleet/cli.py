@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--codebook-size", type=int, help="number of VQ codes K (default 256)")
     train.add_argument("--frontend", choices=["dense", "autoencoder"], help="edge front end: dense (S3, raw 25 ms patches; default) or autoencoder (S2, log-mel patch autoencoder)")
     train.add_argument("--classifier-pooling", choices=["meanmax", "wavelet"], help="classifier pooling of intermediate embeddings (default meanmax; wavelet = S3 multi-scale pooling)")
+    train.add_argument("--pretrain-on", choices=["all", "labelled"], help="clips the front end, codebook and code LM learn from: all training clips (default; label-free pretraining) or only the labelled ones (its ablation)")
     train.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.2 for a smoke run)")
     train.add_argument("--storage-path", type=Path, help="Ray Train checkpoint storage (default OUT/ray_runs)")
     train.add_argument("--resume", action="store_true", help="continue the latest run under the storage path from its checkpoints instead of starting a new run")
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     real_report.add_argument("--corpus", required=True, type=Path, help="the folder `soundfleet data real --out` wrote")
     real_report.add_argument("--models", type=Path, default=None, help="bundle directory (default: the shipped bundle)")
     real_report.add_argument("--out", type=Path, default=Path("docs/results"), help="report directory (default docs/results)")
+    real_report.add_argument("--compare", action="store_true", help="also train, on the bundle's own training data, a log-mel CNN baseline and the bundle with the other pretraining set (train.pretrain_on), and compare all three on the test split (a training run's time)")
+    real_report.add_argument("--work", type=Path, default=Path("runs/real-compare"), help="--compare's checkpoints and ablation bundle (default runs/real-compare)")
     _add_common(real_report)
 
     bench = sub.add_parser("bench", help="measure a component against the targets of the spec", description="Benchmarks that measure soundfleet on this machine against its targets (SPEC section 3).")

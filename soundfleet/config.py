@@ -139,6 +139,7 @@ class TrainConfig:
     code_lm_epochs: int = field(default=12, metadata={"doc": "code Transformer training epochs"})
     classifier_epochs: int = field(default=6, metadata={"doc": "classifier training epochs"})
     classifier_pooling: str = field(default="meanmax", metadata={"doc": "classifier pooling of intermediate embeddings: 'meanmax' or 'wavelet' (S3's parameter-free multi-scale pooling)"})
+    pretrain_on: str = field(default="all", metadata={"doc": "clips the label-free stages (front end, codebook, code LM) learn from: 'all' training clips, labelled or not (S2's label-free pretraining), or only the 'labelled' ones (its ablation)"})
     holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
     augment_per_label: int = field(default=160, metadata={"doc": "mixtures per label of weakly labelled event recordings (a folder of real barks) into the dataset's real negatives, for training (a quarter as many for validation); 0 = none"})
     false_events_per_24h: float = field(default=1.0, metadata={"doc": "false-alarm budget the per-label thresholds are calibrated for, on the validation clips' negatives (all labels together)"})
@@ -156,6 +157,8 @@ class TrainConfig:
             raise ConfigError("train.kmeans_minibatch must be >= 0")
         if self.frontend not in ("dense", "autoencoder"):
             raise ConfigError("train.frontend must be 'dense' or 'autoencoder'")
+        if self.pretrain_on not in ("all", "labelled"):
+            raise ConfigError("train.pretrain_on must be 'all' or 'labelled'")
         if self.classifier_pooling not in ("meanmax", "wavelet"):
             raise ConfigError("train.classifier_pooling must be 'meanmax' or 'wavelet'")
         if not 2 <= self.codebook_size <= 65536:

@@ -49,6 +49,7 @@ def train_command(args, config) -> int:
     cfg = config.train
     apply_flags(cfg, {"workers": args.workers, "seed": args.seed, "codebook_size": args.codebook_size,
                  "classifier_pooling": args.classifier_pooling, "frontend": args.frontend,
+                 "pretrain_on": args.pretrain_on,
                  "storage_path": str(args.storage_path) if args.storage_path else None})
     for name in ("frontend_epochs", "code_lm_epochs", "classifier_epochs"):
         setattr(cfg, name, max(1, round(getattr(cfg, name) * args.epochs_scale)))
@@ -100,12 +101,14 @@ def _report_real_audio(args, config) -> int:
     from shared_models.bundle import BundleError, default_bundle_dir
     from training.eval import EvalError
     from training.real_audio_report import ReportError, run_real_audio_report
+    from training.real_compare import CompareError
     from training.sources import DatasetError
 
     try:
         results = run_real_audio_report(args.corpus, args.models or default_bundle_dir(), args.out,
-                                        "soundfleet " + " ".join(args.argv), config.cloud)
-    except (BundleError, DatasetError, EvalError, ReportError) as exc:
+                                        "soundfleet " + " ".join(args.argv), config.cloud,
+                                        compare_work=args.work if args.compare else None)
+    except (BundleError, CompareError, DatasetError, EvalError, ReportError) as exc:
         log.error("%s", exc)
         return 1
     pool = results["evaluation"]["events"]["negative_pool"]

@@ -131,6 +131,8 @@ def test_a_long_pool_spends_its_budget_and_an_unreachable_one_takes_the_top_thre
     spent, lenient = calibrate_event_thresholds([*quiet, loud_once], ("siren",), {"siren": EventPolicy()}, 40, 0.5)
     assert strict["labels"]["siren"]["on_threshold"] == 0.81
     assert lenient["false_events_allowed_per_label"] == 1 and spent == {"siren": 0.3}
-    always = [_scored([0.999], set())]
+    always = [_scored([0.9995], set())]
     top, _ = calibrate_event_thresholds(always, ("siren",), {"siren": EventPolicy()}, 40, 1.0)
-    assert top == {"siren": 0.99}
+    assert top == {"siren": 0.999}
+    _, above_099 = calibrate_event_thresholds([_scored([0.993], set())], ("siren",), {"siren": EventPolicy()}, 40, 1.0)
+    assert above_099["labels"]["siren"]["on_threshold"] == 0.995  # the grid goes past 0.99

@@ -248,7 +248,7 @@ def test_the_shipped_catalogue_is_valid_and_keeps_every_package_in_one_split():
 
 
 def test_the_real_audio_report_states_what_its_json_says(packages, tmp_path):
-    from training.real_audio_report import FALSE_EVENTS_PER_24H_TARGET, run_real_audio_report
+    from training.real_audio_report import FALSE_EVENTS_PER_24H_TARGET, render, run_real_audio_report
 
     catalogue, cache = packages
     build_real_corpus(tmp_path / "real", cache, catalogue, progress=False)
@@ -266,6 +266,24 @@ def test_the_real_audio_report_states_what_its_json_says(packages, tmp_path):
     assert curve["recall"][0] == 1.0 and curve["recall"] == sorted(curve["recall"], reverse=True)
     assert results["plots"] == ["real-audio-pr.png"] and (tmp_path / "out" / "real-audio-pr.png").stat().st_size > 1000
     assert "[real-audio-pr.png](real-audio-pr.png)" in text
+    assert "Not run: `soundfleet report real-audio --compare`" in text
+
+    # with a comparison, the verdicts come from its numbers: here the CNN is the better model
+    product_map = results["evaluation"]["metrics"]["mAP"]["mean"]
+    results["comparison"] = {
+        "cnn": {"mAP": product_map + 0.1, "AP": {"car_horn": 0.5}, "windows": 3, "parameters": 200_000, "width": 24,
+                "product_parameters": 150_000, "epochs": 8, "wall_s": 1.0},
+        "pretraining": {"bundle": {"pretrain_on": "all", "pretraining_clips": 90},
+                        "ablation": {"pretrain_on": "labelled", "model_version": "sf1-abl", "pretraining_clips": 40,
+                                     "mAP": product_map - 0.05, "AP": {}, "macro_f1": 0.1,
+                                     "false_events_per_24h": None, "recall": {}, "wall_s": 1.0}},
+    }
+    text = render(results)
+    assert f"{product_map:.3f} against the CNN's {product_map + 0.1:.3f} (at least the CNN's: **not met**)" in text
+    assert "changes mAP by +0.050" in text
+    assert "| `sf1-abl` (ablation) | codes -> code LM -> classifier | 150,000 | 40 (`labelled`) |" in text
+    results["comparison"]["cnn"]["mAP"] = product_map
+    assert "(at least the CNN's: met)" in render(results)
 
 
 def test_the_real_audio_report_needs_a_built_corpus(tmp_path):

@@ -23,7 +23,12 @@ from shared_models.detector import classify_windows, load_cloud_models
 from soundfleet.config import CloudConfig
 from training.dataset import load_framed
 from training.eval_events import event_metrics
-from training.evaluate import average_precision, confusion_table, precision_recall_curves, window_metrics
+from training.evaluate import (
+    average_precision,
+    confusion_table,
+    precision_recall_curves,
+    window_metrics,
+)
 from training.pipeline import window_inputs
 from training.sources import load_dataset
 

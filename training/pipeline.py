@@ -35,7 +35,7 @@ from training.eval_events import ScoredClip, calibrate_event_thresholds, window_
 from training.evaluate import average_precision, window_metrics
 from training.export import write_bundle
 from training.ray_stage import StageSpec, fit_stage, run_directory
-from training.sources import load_datasets
+from training.sources import Dataset, load_datasets
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +58,12 @@ def train_all(
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    data_dirs = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
     storage = run_directory(Path(cfg.storage_path or out_dir / "ray_runs"), resume)
     log.info("%s training run %s", "resuming" if resume else "starting", storage)
-    dataset = load_datasets(data_dirs)
-    labels = dataset.labels
+    data = prepare_data(data_dir, cfg)
+    dataset, labels, framed = data.dataset, data.dataset.labels, data.framed
+    train_idx, val_idx, hold_idx, augmented = data.train_idx, data.val_idx, data.hold_idx, data.augmented
     window_frames = SceneClassifierConfig().window_frames
-    framed = load_framed(dataset.clips, labels, min_frames=window_frames)
-    # three disjoint clip sets: train, validation (threshold calibration), held-out test (metrics)
-    train_idx, val_idx, hold_idx = train_val_test_split(len(framed), cfg)
-    log.info("%s dataset %s: %d clips (%d train, %d validation, %d test), %d labels",
-             dataset.layout, dataset.name, len(framed), len(train_idx), len(val_idx), len(hold_idx), len(labels))
-    # real event recordings mixed into real negatives, within each split (no clip crosses one)
-    augmented = {}
-    for split, idx, per_label, seed in (("train", train_idx, cfg.augment_per_label, cfg.seed),
-                                        ("validation", val_idx, cfg.augment_per_label // 4, cfg.seed + 1)):
-        mixtures = augment_clips([framed[i] for i in idx], labels, per_label, seed)
-        idx.extend(range(len(framed), len(framed) + len(mixtures)))
-        framed.extend(mixtures)
-        augmented[split] = len(mixtures)
-        if mixtures:
-            log.info("augmentation (%s): %d mixtures of real events into real negatives, %d per label",
-                     split, len(mixtures), per_label)
     if not ray.is_initialized():
         # the dashboard hosts the State API that Ray Train v2 polls; without it Train logs a warning a second
         ray.init(log_to_driver=True)
@@ -87,8 +71,13 @@ def train_all(
     run = dict(workers=cfg.workers, storage_path=storage, use_gpu=use_gpu)
     torch.manual_seed(cfg.seed)
 
-    # 1. front end: S3 dense layers on raw patches, or the S2 log-mel patch autoencoder
-    train_clips = [framed[i] for i in train_idx]
+    # 1. front end: S3 dense layers on raw patches, or the S2 log-mel patch autoencoder. It,
+    #    the codebook and the code LM learn from the pretraining clips (every training clip,
+    #    or only the labelled ones: the ablation of label-free pretraining)
+    pre_idx = pretraining_clips(framed, train_idx, cfg.pretrain_on)
+    log.info("pretraining (front end, codebook, code LM) on %d of %d training clips (%s)",
+             len(pre_idx), len(train_idx), cfg.pretrain_on)
+    train_clips = [framed[i] for i in pre_idx]
     if cfg.frontend == "autoencoder":
         fe_config = AutoencoderConfig()
         spec = StageSpec("frontend", cfg.frontend_epochs, 2e-3, 256, cfg.seed, cfg.checkpoint_every)
@@ -100,7 +89,7 @@ def train_all(
     # 2. codebook: k-means over the training clips' embeddings
     with torch.no_grad():
         embeddings = [front_end(torch.tensor(c.patches)) for c in framed]
-    train_emb = torch.cat([embeddings[i] for i in train_idx])
+    train_emb = torch.cat([embeddings[i] for i in pre_idx])
     log.info("k-means: K=%d over %d embeddings", cfg.codebook_size, len(train_emb))
     centroids = kmeans(train_emb, cfg.codebook_size, seed=cfg.seed, minibatch=cfg.kmeans_minibatch or None)
     codes = [nearest_code(e, centroids) for e in embeddings]
@@ -109,7 +98,7 @@ def train_all(
 
     # 3. code LM
     lm_config = CodeTransformerConfig(vocab_size=cfg.codebook_size)
-    code_lm, lm_state = fit_code_lm([codes[i] for i in train_idx], lm_config, cfg, run)
+    code_lm, lm_state = fit_code_lm([codes[i] for i in pre_idx], lm_config, cfg, run)
 
     # 4. classifier on code-LM states of 1 s windows
     cls_config = SceneClassifierConfig(
@@ -165,10 +154,11 @@ def train_all(
             "command": command,
             "seed": cfg.seed,
             "config": dataclasses.asdict(cfg),
-            "data_dir": ",".join(map(str, data_dirs)),
+            "data_dir": ",".join(map(str, data.data_dirs)),
             "data_layout": dataset.layout,
             "data_sha256": dataset.data_sha256,
-            "clips": {"train": len(train_idx), "validation": len(val_idx), "test": len(hold_idx)},
+            "clips": {"train": len(train_idx), "validation": len(val_idx), "test": len(hold_idx),
+                      "pretraining": len(pre_idx)},
             "mixtures": augmented,  # of those clips, how many are augmentation mixtures
             "codes_used": int((usage > 0).sum()),
             "metrics": metrics,
@@ -185,6 +175,58 @@ def train_all(
     # the front end's torch weights ride along: parity checks and cloud-side audio use them
     cloud_state = {"frontend": front_end.state_dict(), "code_lm": code_lm.state_dict(), "classifier": classifier.state_dict()}
     return write_bundle(out_dir, EdgeEncoder(front_end, centroids), centroids.numpy(), cloud_state, manifest)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What every model of one training run learns from: the clips, framed, and three disjoint
+    index sets into them (augmentation mixtures appended to train and validation)."""
+
+    data_dirs: list[Path]
+    dataset: Dataset
+    framed: list[FramedClip]
+    train_idx: list[int]
+    val_idx: list[int]
+    hold_idx: list[int]
+    augmented: dict[str, int]
+
+
+def prepare_data(data_dir: Path | Sequence[Path], cfg: TrainConfig) -> TrainingData:
+    """Load the dataset(s), frame every clip (short ones padded to one classifier window),
+    split train / validation / held-out test, and add the augmentation mixtures of real
+    events into real negatives within train and validation (no clip crosses a split).
+
+    Deterministic for a config's seed: a baseline trained on ``prepare_data``'s output sees
+    exactly the clips ``train_all`` trained the bundle on.
+    """
+    data_dirs = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
+    dataset = load_datasets(data_dirs)
+    labels = dataset.labels
+    framed = load_framed(dataset.clips, labels, min_frames=SceneClassifierConfig().window_frames)
+    # three disjoint clip sets: train, validation (threshold calibration), held-out test (metrics)
+    train_idx, val_idx, hold_idx = train_val_test_split(len(framed), cfg)
+    log.info("%s dataset %s: %d clips (%d train, %d validation, %d test), %d labels",
+             dataset.layout, dataset.name, len(framed), len(train_idx), len(val_idx), len(hold_idx), len(labels))
+    augmented = {}
+    for split, idx, per_label, seed in (("train", train_idx, cfg.augment_per_label, cfg.seed),
+                                        ("validation", val_idx, cfg.augment_per_label // 4, cfg.seed + 1)):
+        mixtures = augment_clips([framed[i] for i in idx], labels, per_label, seed)
+        idx.extend(range(len(framed), len(framed) + len(mixtures)))
+        framed.extend(mixtures)
+        augmented[split] = len(mixtures)
+        if mixtures:
+            log.info("augmentation (%s): %d mixtures of real events into real negatives, %d per label",
+                     split, len(mixtures), per_label)
+    return TrainingData(data_dirs, dataset, framed, train_idx, val_idx, hold_idx, augmented)
+
+
+def pretraining_clips(framed: list[FramedClip], train_idx: list[int], pretrain_on: str) -> list[int]:
+    """The training clips the label-free stages learn from: all of them (``"all"``), or only
+    those with at least one labelled frame (``"labelled"``, which leaves out the hours of
+    unlabelled background and confusers)."""
+    if pretrain_on == "all":
+        return list(train_idx)
+    return [i for i in train_idx if framed[i].labels.any()]
 
 
 def scored_clip(clip: FramedClip, codes: torch.Tensor, labels: tuple[str, ...], code_lm: CodeTransformer,
@@ -309,18 +351,31 @@ def window_inputs(
     context of codes ending at the window's end, and the last ``window`` states are kept.
     Windows start every ``stride`` frames (``weak_stride`` in weakly labelled clips)."""
     context = code_lm.config.context_frames
-    contexts, window_codes, targets, weights = [], [], [], []
-    for clip, clip_codes in zip(clips, codes, strict=True):
-        for end in range(window, len(clip_codes) + 1, (weak_stride or stride) if clip.weak else stride):
-            contexts.append(clip_codes[max(0, end - context) : end])
-            window_codes.append(clip_codes[end - window : end])
-            t, w = window_targets(clip.labels, end - window, window)
-            targets.append(t)
-            weights.append(w)
+    assert [len(c) for c in codes] == [len(clip.labels) for clip in clips], "one code per frame"
+    spans = window_spans(clips, window, stride, weak_stride)
+    contexts = [codes[k][max(0, end - context) : end] for k, end in spans]
+    window_codes = [codes[k][end - window : end] for k, end in spans]
+    targets, weights = span_targets(clips, spans, window)
     states = torch.cat([lm_window_states(code_lm, contexts[i : i + 512], window) for i in range(0, len(contexts), 512)])
     return {
         "states": states.numpy(),
         "codes": torch.stack(window_codes).numpy(),
-        "targets": np.stack(targets),
-        "weights": np.stack(weights),
+        "targets": targets,
+        "weights": weights,
     }
+
+
+def window_spans(clips: list[FramedClip], window: int, stride: int, weak_stride: int | None = None) -> list[tuple[int, int]]:
+    """(clip index, end frame) of every window: every ``stride`` frames (``weak_stride`` in
+    weakly labelled clips), in clip order. Every model scored on the same clips sees these."""
+    return [(k, end) for k, clip in enumerate(clips)
+            for end in range(window, len(clip.labels) + 1, (weak_stride or stride) if clip.weak else stride)]
+
+
+def span_targets(clips: list[FramedClip], spans: list[tuple[int, int]], window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, L) targets and loss weights of ``window_spans`` windows (``dataset.window_targets``)."""
+    pairs = [window_targets(clips[k].labels, end - window, window) for k, end in spans]
+    n_labels = clips[0].labels.shape[1] if clips else 0
+    if not pairs:
+        return np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32)
+    return np.stack([t for t, _ in pairs]), np.stack([w for _, w in pairs])

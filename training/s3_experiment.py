@@ -21,11 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
-from shared_models.autoencoder import AutoencoderConfig, LogMelPatches
-from shared_models.cnn_baseline import CnnConfig, LogMelCnn, widen_to
 from shared_models.code_transformer import CodeTransformerConfig
 from shared_models.codebook import kmeans, nearest_code
 from shared_models.constants import SAMPLE_RATE_HZ
@@ -34,19 +31,19 @@ from shared_models.frontend import FrontEndConfig
 from shared_models.param_count import count_parameters
 from shared_models.scene_classifier import SceneClassifierConfig
 from soundfleet.config import TrainConfig
-from training import baseline_stages
 from training.dataset import FramedClip
 from training.evaluate import average_precision, window_metrics
 from training.filterbank import dominant_frequencies_hz, filterbank_summary
+from training.log_mel_cnn import fit_cnn
 from training.pipeline import (
     TRAIN_WINDOW_STRIDE,
     fit_classifier,
     fit_code_lm,
     fit_front_end,
     window_inputs,
+    window_spans,
 )
-from training.probe import window_starts
-from training.ray_stage import StageSpec, fit_stage
+from training.ray_stage import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -135,46 +132,15 @@ def _scores(probs: np.ndarray, windows: dict[str, np.ndarray], labels: tuple[str
 
 def _cnn(clips, train_idx, test_idx, train_win, test_win, labels, min_parameters, exp, cfg, run) -> dict[str, Any]:
     started = time.monotonic()
-    mel = LogMelPatches(AutoencoderConfig())
-    with torch.no_grad():
-        raw = [mel(torch.tensor(c.patches)) for c in clips]  # (N_i, S * n_mels) each
-        train_raw = torch.cat([raw[i] for i in train_idx])
-        mean, std = train_raw.mean(0), train_raw.std(0).clamp_min(1e-6)
-        features = [((r - mean) / std).numpy() for r in raw]
-    config = widen_to(CnnConfig(n_mels=mel.config.n_mels, num_labels=len(labels), n_blocks=exp.cnn_blocks), min_parameters)
     W = SceneClassifierConfig().window_frames
-    train = [clips[i] for i in train_idx]
-    name = "s3_cnn"
-    state = fit_stage(
-        name,
-        baseline_stages.cnn_loop,
-        {
-            "spec": StageSpec(name, exp.cnn_epochs, 1e-3, 64, cfg.seed, cfg.checkpoint_every),
-            "model_config": config,
-            "window_frames": W,
-            "data_ref": ray.put(
-                {
-                    "clip_features": [features[i] for i in train_idx],
-                    "windows": window_starts(train, W, TRAIN_WINDOW_STRIDE),
-                    "targets": train_win["targets"],
-                    "weights": train_win["weights"],
-                }
-            ),
-        },
-        **run,
-    )
-    model = LogMelCnn(config)
-    model.load_state_dict(state["model"])
-    model.eval()
-    test_windows = baseline_stages.gather_windows(
-        [features[i] for i in test_idx], window_starts([clips[i] for i in test_idx], W, W), W
-    )  # (M, W, S * n_mels)
-    images = test_windows.reshape(len(test_windows), -1, config.n_mels)  # (M, W * S, n_mels)
-    with torch.no_grad():
-        probs = torch.cat([torch.sigmoid(model(images[i : i + 256])) for i in range(0, len(images), 256)])
+    train, test = [clips[i] for i in train_idx], [clips[i] for i in test_idx]
+    cnn = fit_cnn(train, window_spans(train, W, TRAIN_WINDOW_STRIDE), train_win["targets"], train_win["weights"], W,
+                  min_parameters, StageSpec("s3_cnn", exp.cnn_epochs, 1e-3, 64, cfg.seed, cfg.checkpoint_every), run,
+                  n_blocks=exp.cnn_blocks)
+    probs = cnn.window_probabilities(test, window_spans(test, W, W), W)
     return {
-        **_scores(probs.numpy(), test_win, labels),
-        "parameters": count_parameters(model),
-        "width": config.width,
+        **_scores(probs, test_win, labels),
+        "parameters": count_parameters(cnn.model),
+        "width": cnn.model.config.width,
         "wall_s": round(time.monotonic() - started, 1),
     }
