@@ -44,15 +44,22 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from shared_models.constants import FRAME_DURATION_NS
+
+# a seq may run this far ahead of the newest one seen with no time passed (reordering, restarts)
+SEQ_JUMP_SLACK = 64
+
 ITEM_HEADER = struct.Struct("<IQQ")  # seq u32, t_end_ns u64, received_ns u64; then the codes, uint16 LE
 
 ACCEPT = """
 local dev, pend, work, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local seq, item, now = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local window, max_pending, device = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local t_end, duration, slack = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local last = tonumber(redis.call('HGET', dev, 'last_seq') or '-1')
 if seq == 0 and last > 0 then  -- the agent lost its state and starts over at 0
   redis.call('DEL', pend)
+  redis.call('HDEL', dev, 'newest_seq', 'newest_t_end_ms')
   redis.call('HINCRBY', dev, 'restarts', 1)
   last = -1
 end
@@ -60,6 +67,18 @@ if seq <= last or #redis.call('ZRANGEBYSCORE', pend, seq, seq, 'LIMIT', 0, 1) > 
   redis.call('HINCRBY', dev, 'duplicates', 1)
   return {0, 0, 0}
 end
+-- a jump past the newest seq must be explained by the time that passed since it (a device
+-- whose full spool dropped messages skips them; a forged huge seq would make every real frame
+-- after it a "duplicate"); a claimed capture time in the future buys nothing
+local newest = tonumber(redis.call('HGET', dev, 'newest_seq') or '-1')
+if newest >= 0 and seq > newest + slack then
+  local since = math.min(t_end - duration, now) - tonumber(redis.call('HGET', dev, 'newest_t_end_ms') or now)
+  if seq - newest > slack + math.max(0, since) / duration then
+    redis.call('HINCRBY', dev, 'seq_jumps', 1)
+    return {2, 0, 0}
+  end
+end
+if seq > newest then redis.call('HSET', dev, 'newest_seq', seq, 'newest_t_end_ms', t_end) end
 if redis.call('ZCARD', pend) == 0 then redis.call('HSET', dev, 'pending_since_ms', now) end
 redis.call('ZADD', pend, seq, item)
 local released, lost = 0, 0
@@ -147,9 +166,10 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class Accepted:
-    new: bool  # False: a duplicate, dropped
+    new: bool  # False: a duplicate or a refused seq jump, dropped
     released: int  # items that became ready, in order (0: parked behind a gap)
     lost: int  # messages given up as lost in this call
+    seq_jump: bool = False  # refused: its seq ran further ahead than the time since the newest allows
 
 
 @dataclass
@@ -219,9 +239,11 @@ class DeviceLog:
         calls = [("accept",
                   [self._keys("dev", site, device), self._keys("pend", site, device),
                    self._keys("work", site, device), self.key("active")],
-                  [item.seq, item.to_bytes(), now_ms, self.reorder_window_ms, self.max_pending, f"{site}/{device}"])
+                  [item.seq, item.to_bytes(), now_ms, self.reorder_window_ms, self.max_pending, f"{site}/{device}",
+                   item.t_end_ns // 1_000_000, item.codes.size * FRAME_DURATION_NS / 1e6, SEQ_JUMP_SLACK])
                  for site, device, item in entries]
-        return [Accepted(bool(new), int(released), int(lost)) for new, released, lost in self._run_scripts(calls)]
+        return [Accepted(status == 1, int(released), int(lost), seq_jump=status == 2)
+                for status, released, lost in self._run_scripts(calls)]
 
     def accept(self, site: str, device: str, item: WorkItem, now_ms: int) -> Accepted:
         return self.accept_many([(site, device, item)], now_ms)[0]

@@ -37,6 +37,7 @@ from cloud.homeassistant import DiscoveryPublisher
 from cloud.pipeline import DeviceKey, Drain, Inbound, Pipeline
 from cloud.store import CloudStore
 from shared_models import bundle
+from shared_models.callbacks import CallbackGuard
 from shared_models.wire import (
     FRAMES_SUBSCRIPTION,
     STATUS_SUBSCRIPTION,
@@ -74,6 +75,7 @@ class Ingest:
             discovery=discovery, policies=label_policies(config, manifest), replica=self.replica,
         )
         self.redis_errors = 0
+        self.callback_guard = CallbackGuard(log)  # .errors: exceptions paho's thread was spared
         per_worker = max(1, config.ingest_queue // config.ingest_workers)
         self.queues = [queue.Queue(maxsize=per_worker) for _ in range(config.ingest_workers)]
         self.workers = [
@@ -97,9 +99,10 @@ class Ingest:
     def _connect(self) -> mqtt.Client:
         client, endpoint = mqtt_client(self.config.broker_url, f"sf-ingest-{self.replica}")
         self.client = client  # before any message: workers publish events and discovery with it
-        client.on_connect = self._on_connect
-        client.on_disconnect = lambda *a: self.connected.clear()
-        client.on_message = self._on_message
+        guard = self.callback_guard.wrap
+        client.on_connect = guard(self._on_connect)
+        client.on_disconnect = guard(lambda *a: self.connected.clear())
+        client.on_message = guard(self._on_message)
         client.connect_async(endpoint.host, endpoint.port, keepalive=30)
         client.loop_start()
         if not self.connected.wait(15):
@@ -184,6 +187,7 @@ class Ingest:
             "workers_alive": sum(w.is_alive() for w in self.workers),
             "queued": sum(q.qsize() for q in self.queues),
             "redis_errors": self.redis_errors,
+            "callback_errors": self.callback_guard.errors,
             "replica": self.replica,
             "metrics": self.store.metrics(),
         }

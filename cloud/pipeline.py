@@ -106,6 +106,7 @@ class RoundRecord:
 @dataclass
 class Decoded:
     frames: list[tuple[str, str, WorkItem]]
+    sources: list[Inbound]  # the message each of ``frames`` came from
     statuses: list[tuple[str, str, StatusMessage | None]]  # None: a retained status was cleared
     drains: set[DeviceKey]
 
@@ -138,7 +139,7 @@ class Pipeline:
         """One round over ``inbound``; ``held`` (this worker's leases) is updated in place."""
         record = RoundRecord(len(inbound))
         decoded = self._decode(inbound, record)
-        ready = self._accept(decoded.frames, record) | decoded.drains
+        ready = self._accept(decoded, record) | decoded.drains
         wanted = sorted(ready - held.keys())
         for key, lease in zip(wanted, self.log.lease_many(wanted), strict=True):
             if lease is not None:
@@ -159,7 +160,7 @@ class Pipeline:
 
     # --- 1-2: decode and accept --------------------------------------------------------
     def _decode(self, inbound: list[Inbound | Drain], record: RoundRecord) -> Decoded:
-        decoded = Decoded([], [], set())
+        decoded = Decoded([], [], [], set())
         received = 0
         for item in inbound:
             if isinstance(item, Drain):
@@ -182,18 +183,31 @@ class Pipeline:
                 self.store.dead_letter("WrongCodebook", item.topic, item.payload,
                                        f"codebook {message.codebook_id} != {self.manifest['codebook_id']}")
                 continue
+            sent = message.codes if message.silent is None else message.codes[~message.silent]
+            if sent.size and int(sent.max()) >= self.manifest["codebook_size"]:
+                # the right codebook id but a code the codebook does not have: the model would
+                # index past its embedding table on every retry
+                self.store.dead_letter("CodeOutOfRange", item.topic, item.payload,
+                                       f"code {int(sent.max())} >= codebook size {self.manifest['codebook_size']}")
+                continue
             codes = context_codes(message, self.silence_code)
             decoded.frames.append((site, device, WorkItem(message.seq, message.t_end_ns, item.received_ns, codes)))
+            decoded.sources.append(item)
         record.counts.update({"received": received, f"received_by:{self.replica}": received})
         record.lap("decode")
         return decoded
 
-    def _accept(self, frames: list[tuple[str, str, WorkItem]], record: RoundRecord) -> set[DeviceKey]:
+    def _accept(self, decoded: Decoded, record: RoundRecord) -> set[DeviceKey]:
         """Devices with newly ready work."""
+        frames = decoded.frames
         results = self.log.accept_many(frames, time.time_ns() // 1_000_000) if frames else []
         counts = record.counts
         ready = set()
-        for (site, device, _), accepted in zip(frames, results, strict=True):
+        for (site, device, item), source, accepted in zip(frames, decoded.sources, results, strict=True):
+            if accepted.seq_jump:
+                self.store.dead_letter("SeqJump", source.topic, source.payload,
+                                       f"seq {item.seq} runs further ahead of the device's newest than its time allows")
+                continue
             counts["accepted" if accepted.new else "duplicates"] += 1
             if accepted.lost:
                 counts["lost"] += accepted.lost

@@ -41,6 +41,7 @@ from edge.procstat import BYTES_PER_MB, CpuMeter, rss_mb
 from edge.publisher import DryRunPublisher, Publisher, SpoolingPublisher
 from edge.spool import Spool
 from shared_models.bundle import BundleError
+from shared_models.callbacks import CallbackGuard
 from shared_models.constants import HOP_SAMPLES, NS_PER_SECOND, PATCH_SAMPLES, SAMPLE_RATE_HZ
 from shared_models.wire import (
     MODELS_EDGE_TOPIC,
@@ -147,6 +148,7 @@ class EdgeAgent:
         self.encoder = encoder or EdgeEncoder(self._startup_bundle())
         self.stats = AgentStats()
         self.model_error = ""
+        self.callback_guard = CallbackGuard(log)  # the broker link's callbacks; counted in the status
         self._next_encoder: EdgeEncoder | None = None  # handed over by the model thread
         self._announcements: queue.Queue[ModelAnnouncement] = queue.Queue(maxsize=1)
         self._refused: set[tuple[str, str]] = set()  # (model_version, sha256) already refused
@@ -172,6 +174,7 @@ class EdgeAgent:
                 status=self._status,
                 heartbeat_s=config.heartbeat_s,
                 subscriptions=subscriptions,
+                callback_guard=self.callback_guard,
             )
 
     def _startup_bundle(self) -> Path | None:
@@ -215,6 +218,7 @@ class EdgeAgent:
             cpu_percent=round(self._cpu.percent(), 1) if live else 0.0,
             rss_mb=round(rss_mb(), 1) if live else 0.0,
             model_error=self.model_error,
+            callback_errors=self.callback_guard.errors,
         ).to_bytes()
 
     # --- model rollout --------------------------------------------------------------------

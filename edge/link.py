@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
+from shared_models.callbacks import CallbackGuard
 from soundfleet.services.urls import parse_mqtt_url, redact_url
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class BrokerLink:
         on_ack: Callable[[object], None],
         on_connect: Callable[[], None] | None = None,
         subscriptions: dict[str, Callable[[bytes], None]] | None = None,
+        callback_guard: CallbackGuard | None = None,
     ):
         self.settings = settings
         self.endpoint = parse_mqtt_url(settings.broker_url)
@@ -103,6 +105,8 @@ class BrokerLink:
         self._delays = backoff_delays(settings.reconnect_min_s, settings.reconnect_max_s)
         self.connects = 0
         self.failures = 0
+        # every paho callback goes through it; .errors counts the exceptions paho's thread was spared
+        self.callback_guard = callback_guard or CallbackGuard(log)
         self.last_error = ""
 
     @property
@@ -166,10 +170,11 @@ class BrokerLink:
         client.max_queued_messages_set(0)  # unbounded in paho; our window bounds it
         topic, payload = self._will()  # per session: it names the model running now
         client.will_set(topic, payload, qos=1, retain=True)
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_publish = self._handle_publish
-        client.on_message = self._handle_message
+        guard = self.callback_guard.wrap
+        client.on_connect = guard(self._handle_connect)
+        client.on_disconnect = guard(self._handle_disconnect)
+        client.on_publish = guard(self._handle_publish)
+        client.on_message = guard(self._handle_message)
         # publish() only queues; _network_loop (woken by paho's socketpair) does every write
         client.on_socket_register_write = _network_thread_writes
         return client

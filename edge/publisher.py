@@ -25,6 +25,7 @@ from typing import Protocol, TextIO
 
 from edge.link import BrokerLink, LinkSettings
 from edge.spool import Spool
+from shared_models.callbacks import CallbackGuard
 from shared_models.wire import FramesMessage
 from soundfleet.services.urls import redact_url
 
@@ -53,6 +54,7 @@ class SpoolingPublisher:
         status: Callable[[str], bytes],
         heartbeat_s: float,
         subscriptions: dict[str, Callable[[bytes], None]] | None = None,
+        callback_guard: CallbackGuard | None = None,
     ):
         self.spool = spool
         self.frames_topic = frames_topic
@@ -64,6 +66,7 @@ class SpoolingPublisher:
             will=lambda: (status_topic, status("will")),  # per session: names the model running then
             on_ack=self._on_ack,
             subscriptions=subscriptions,
+            callback_guard=callback_guard,
         )
         self._max_inflight = link_settings.max_inflight
         self._wake = threading.Event()

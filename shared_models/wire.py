@@ -76,6 +76,7 @@ MIN_PAYLOAD_BYTES = HEADER_BYTES + CRC_BYTES  # 36: a valid payload has a code o
 _U16 = 1 << 16
 _U32 = 1 << 32
 _INT64_MAX = (1 << 63) - 1
+_FLOAT_MAX = float.fromhex("0x1.fffffffffffffp+1023")  # the largest finite float
 _CODE_DTYPE = np.dtype("<u2")
 _FLOAT16_DTYPE = np.dtype("<f2")
 
@@ -85,14 +86,22 @@ def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise InvalidField(f"{name} must be an integer, got {type(value).__name__}")
     if not low <= int(value) <= high:
-        raise InvalidField(f"{name} must be in [{low}, {high}], got {value}")
+        raise InvalidField(f"{name} must be in [{low}, {high}], got {_preview(value)}")
     return int(value)
 
 
 def _check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < float("inf"):
-        raise InvalidField(f"{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < _FLOAT_MAX:
+        raise InvalidField(f"{name} must be a finite number >= 0, got {_preview(value)}")
     return float(value)
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a whole payload."""
+    if isinstance(value, int) and abs(value) >= 10**limit:  # repr of a 5,000-digit int raises
+        return f"<a {value.bit_length()}-bit integer>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_float16(
@@ -365,6 +374,50 @@ def _unsend(sent: np.ndarray | None, silent: np.ndarray | None, fill: float) -> 
 def _check_str(name: str, value: Any, *, empty_ok: bool = True) -> None:
     if not isinstance(value, str) or not (value or empty_ok):
         raise InvalidField(f"{name} must be a {'' if empty_ok else 'non-empty '}string")
+    try:
+        value.encode("utf-8")  # a lone surrogate ("\\ud800" in JSON) is not text: Redis, logs, MQTT refuse it
+    except UnicodeEncodeError:
+        raise InvalidField(f"{name} is not valid Unicode text (a lone surrogate)") from None
+
+
+# JSON payloads are small flat objects; a number literal longer than this is hostile, not data
+MAX_JSON_NUMBER_CHARS = 32
+
+
+def _json_int(text: str) -> int:
+    if len(text) > MAX_JSON_NUMBER_CHARS:
+        raise InvalidField(f"a JSON integer of {len(text)} characters (limit {MAX_JSON_NUMBER_CHARS})")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    if len(text) > MAX_JSON_NUMBER_CHARS:
+        raise InvalidField(f"a JSON number of {len(text)} characters (limit {MAX_JSON_NUMBER_CHARS})")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise InvalidField(f"JSON number {text} overflows a float")
+    return value
+
+
+def _json_constant(text: str) -> float:
+    raise InvalidField(f"{text} is not a JSON number")  # json.loads would accept NaN/Infinity
+
+
+def loads_json_object(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """One hostile payload -> a JSON object, or a WireError: bounded size, nesting (the
+    interpreter's recursion limit, caught), number length and range, UTF-8 text."""
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"payload is {len(data)} bytes > limit {max_bytes}")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"), parse_int=_json_int,
+                         parse_float=_json_float, parse_constant=_json_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidField(f"payload is not UTF-8 JSON: {err}") from None
+    except RecursionError:
+        raise InvalidField("payload JSON is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise InvalidField(f"payload must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 class _JsonMessage:
@@ -388,15 +441,7 @@ class _JsonMessage:
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Self:
         """Parse one payload; size, UTF-8, JSON and field errors raise WireError subclasses."""
-        if len(data) > max_bytes:
-            raise PayloadTooLarge(f"payload is {len(data)} bytes > limit {max_bytes}")
-        try:
-            obj = json.loads(bytes(data).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InvalidField(f"payload is not UTF-8 JSON: {err}") from None
-        if not isinstance(obj, dict):
-            raise InvalidField(f"payload must be a JSON object, got {type(obj).__name__}")
-        return cls.from_dict(obj)
+        return cls.from_dict(loads_json_object(data, max_bytes=max_bytes))
 
 
 @dataclass(frozen=True)
@@ -425,10 +470,12 @@ class StatusMessage(_JsonMessage):
     """Agent process resident memory, MB (10^6 bytes)."""
     model_error: str = ""
     """Why the last announced model was refused ("" when none was); the old model keeps running."""
+    callback_errors: int = 0
+    """Exceptions the agent's MQTT callbacks caught (a hostile message, a bug) since it started."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, str) or self.state not in ("online", "offline"):
-            raise InvalidField(f"state must be 'online' or 'offline', got {self.state!r}")
+            raise InvalidField(f"state must be 'online' or 'offline', got {_preview(self.state)}")
         _check_str("agent_version", self.agent_version)
         _check_str("model_version", self.model_version)
         _check_str("model_error", self.model_error)
@@ -437,6 +484,7 @@ class StatusMessage(_JsonMessage):
         set_(self, "t_ns", _check_int("t_ns", self.t_ns, 0, _INT64_MAX))
         set_(self, "spool_depth", _check_int("spool_depth", self.spool_depth, 0, _INT64_MAX))
         set_(self, "spool_dropped", _check_int("spool_dropped", self.spool_dropped, 0, _INT64_MAX))
+        set_(self, "callback_errors", _check_int("callback_errors", self.callback_errors, 0, _INT64_MAX))
         for name in ("uptime_s", "cpu_percent", "rss_mb"):
             set_(self, name, _check_nonnegative(name, getattr(self, name)))
 
@@ -468,9 +516,9 @@ class ModelAnnouncement(_JsonMessage):
         _check_str("model_version", self.model_version, empty_ok=False)
         _check_str("url", self.url, empty_ok=False)
         if not isinstance(self.sha256, str) or re.fullmatch(r"[0-9a-f]{64}", self.sha256) is None:
-            raise InvalidField(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+            raise InvalidField(f"sha256 must be 64 lowercase hex digits, got {_preview(self.sha256)}")
         if not self.url.startswith(("file://", "http://", "https://")):
-            raise InvalidField(f"url must be file://, http:// or https://, got {self.url!r}")
+            raise InvalidField(f"url must be file://, http:// or https://, got {_preview(self.url)}")
         set_ = object.__setattr__
         set_(self, "codebook_id", _check_int("codebook_id", self.codebook_id, 0, _U32 - 1))
         set_(self, "wire_version", _check_int("wire_version", self.wire_version, 0, 255))
@@ -521,7 +569,7 @@ class SoundEvent(_JsonMessage):
         _check_str("model_version", self.model_version)
         score = self.score
         if isinstance(score, bool) or not isinstance(score, Real) or not 0 <= score <= 1:
-            raise InvalidField(f"score must be a number in [0, 1], got {score!r}")  # or NaN
+            raise InvalidField(f"score must be a number in [0, 1], got {_preview(score)}")  # or NaN
         set_ = object.__setattr__
         set_(self, "score", float(self.score))
         set_(self, "start_ns", _check_int("start_ns", self.start_ns, 0, _INT64_MAX))
@@ -550,7 +598,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def validate_name(name: str) -> str:
     """``name`` if a site/device id (1-64 of [A-Za-z0-9_-]: no MQTT + # / or empty levels)."""
     if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-        raise InvalidField(f"site/device id must be 1-64 chars of [A-Za-z0-9_-], got {name!r}")
+        raise InvalidField(f"site/device id must be 1-64 chars of [A-Za-z0-9_-], got {_preview(name)}")
     return name
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cloud.add_argument("--drain-timeout-s", type=float, default=60.0, help="after the fleet stops, wait at most this long for the ingest to catch up (default 60)")
     bench_cloud.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
     _add_common(bench_cloud)
+    bench_fuzz = bench_sub.add_parser("fuzz", help="every wire decoder against mutated hostile payloads: named errors only", description="Feed every decoder of the wire module (StatusMessage, ModelAnnouncement, SoundEvent, FramesMessage) seeded mutations of valid payloads (byte flips, cuts, splices, hostile JSON tokens, fields replaced by hostile values, frames with a recomputed CRC). Each must be accepted (and encode again) or raise a named WireError; anything else is a finding, and the command exits 1. No servers needed.")
+    bench_fuzz.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout (logs go to stderr)")
+    bench_fuzz.add_argument("--inputs", type=int, default=100_000, help="mutated payloads per decoder (default 100000)")
+    bench_fuzz.add_argument("--seed", type=int, default=0, help="seed of the mutations (default 0)")
+    _add_common(bench_fuzz)
 
     demo = sub.add_parser("demo", help="end-to-end demo on embedded services", description="Start an embedded broker and Redis (unless URLs are given), the cloud app and three edge agents on a scripted scene; print events live and a table of expected vs detected.")
     demo.add_argument("--broker", help="use this MQTT broker instead of an embedded amqtt one")
@@ -346,7 +352,35 @@ def _bench_cloud(args, config) -> int:
     return 0
 
 
-BENCHMARKS = {"edge": _bench_edge, "cloud": _bench_cloud}
+def _bench_fuzz(args, config) -> int:
+    import json
+    import platform
+
+    from soundfleet.fuzz import fuzz
+
+    if args.inputs < 1:
+        log.error("--inputs must be at least 1, got %d", args.inputs)
+        return 2
+    reports = fuzz(args.inputs, seed=args.seed,
+                   progress=lambda name, done: log.info("fuzz %s: %d of %d inputs", name, done, args.inputs))
+    findings = sum(sum(r.findings.values()) for r in reports)
+    summary = {"inputs_per_decoder": args.inputs, "seed": args.seed, "findings": findings,
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+               "decoders": [r.to_dict() for r in reports]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for r in reports:
+            print(f"{r.decoder:18} {r.inputs:>8} inputs  {r.accepted:>7} accepted  "
+                  f"{sum(r.rejected.values()):>7} named errors  {sum(r.findings.values()):>4} findings  "
+                  f"{r.inputs / r.seconds:>9,.0f} inputs/s")
+    for r in reports:
+        for kind, count in r.findings.items():
+            log.error("%s raised %s %d times; first input: %s", r.decoder, kind, count, r.examples[kind])
+    return 1 if findings else 0
+
+
+BENCHMARKS = {"edge": _bench_edge, "cloud": _bench_cloud, "fuzz": _bench_fuzz}
 
 
 def _fleet(args, config) -> int:

@@ -58,6 +58,41 @@ def test_too_many_parked_frames_give_up_the_gap_before_the_window(log):
     assert burst.lost == 1 and burst.released == 6
 
 
+def _timed(seq: int, t_end_ms: int) -> WorkItem:
+    """An item of 4 frames (100 ms) that ends at ``t_end_ms``."""
+    return WorkItem(seq, t_end_ms * 1_000_000, 0, np.zeros(4, dtype=np.uint16))
+
+
+def test_a_forged_seq_jump_is_refused_and_the_real_stream_goes_on(log):
+    """31 forged frames with seq near 2**32 used to turn the device's next real frames into
+    "duplicates" and add 4.29e9 to its lost count."""
+    now = 1_700_000_000_000  # ms
+    for seq in range(3):
+        assert log.accept(SITE, DEVICE, _timed(seq, now + seq * 100), now_ms=now + seq * 100).new
+    for k in range(31):
+        forged = log.accept(SITE, DEVICE, _timed(2**32 - 1 - k, now + 300), now_ms=now + 300)
+        assert forged.seq_jump and not forged.new and forged.released == 0
+    # a claimed capture time far in the future buys no allowance either
+    assert log.accept(SITE, DEVICE, _timed(100_000, now + 10**9), now_ms=now + 300).seq_jump
+    assert log.accept(SITE, DEVICE, _timed(3, now + 400), now_ms=now + 400).released == 1
+    state = log.r.hgetall(log.key("dev", SITE, DEVICE))
+    assert state[b"last_seq"] == b"3" and int(state[b"seq_jumps"]) == 32
+    assert int(state.get(b"lost", 0)) == 0 and int(state.get(b"duplicates", 0)) == 0
+    assert _ready(log) == [0, 1, 2, 3]
+
+
+def test_a_jump_that_the_time_explains_is_a_gap_not_a_forgery(log):
+    """A device offline for a minute whose full spool dropped its oldest messages comes back
+    600 messages (of 100 ms) further on: taken, and the gap is counted lost after the window."""
+    now = 1_700_000_000_000
+    log.accept(SITE, DEVICE, _timed(0, now), now_ms=now)
+    back = now + 60_000
+    jump = log.accept(SITE, DEVICE, _timed(600, back), now_ms=back)
+    assert jump.new and not jump.seq_jump and jump.released == 0  # parked behind the gap
+    late = log.accept(SITE, DEVICE, _timed(601, back + 100), now_ms=back + 1500)  # past the 1 s window
+    assert late.lost == 599 and late.released == 2
+
+
 def test_only_the_lease_holder_commits_and_a_dead_holders_item_is_redone(log):
     log.accept(SITE, DEVICE, _item(0), now_ms=0)
     first = log.lease(SITE, DEVICE)

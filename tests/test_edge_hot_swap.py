@@ -185,3 +185,31 @@ def test_model_with_bad_sha256_is_refused_and_the_old_model_keeps_running(
     models = tmp_path / "state" / f"{SITE}.{device}" / "models"
     assert not models.exists() or not [p for p in models.iterdir() if not p.name.startswith(".")]
     assert read_current(tmp_path / "state" / f"{SITE}.{device}") is None
+
+
+def test_a_hostile_retained_announcement_is_refused_and_frames_keep_flowing(
+    mqtt_url, mqtt_client_factory, tmp_path, clear_retained
+):
+    """A JSON nested past the recursion limit, retained on the models topic: before, the agent's
+    network thread died on it (on every agent, at every restart) while the link said connected."""
+    device = f"hostile-{uuid.uuid4().hex[:6]}"
+    clear_retained(wire.status_topic(SITE, device))
+    publisher = mqtt_client_factory()
+    hostile = b'{"model_version":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    publisher.publish(wire.MODELS_EDGE_TOPIC, hostile, qos=1, retain=True).wait_for_publish(5)
+    try:
+        frames, statuses = _subscribe(mqtt_client_factory, device)
+        agent = _start_agent(mqtt_url, device, tmp_path / "state", "--source", str(FIXTURE))
+        try:
+            _, stderr = agent.communicate(timeout=60)
+        finally:
+            agent.kill()
+    finally:
+        clear_announcement(publisher)
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "malformed model announcement" in stderr and "Traceback" not in stderr
+    _wait(lambda: len(frames) == 40, 10)
+    assert [wire.FramesMessage.from_bytes(p).seq for p in frames] == list(range(40))
+    last = wire.StatusMessage.from_bytes(statuses[-1])
+    assert "nested too deeply" in last.model_error or any(
+        "nested too deeply" in wire.StatusMessage.from_bytes(p).model_error for p in statuses)

@@ -87,8 +87,9 @@ def test_quiet_room_gives_no_event(cloud_app, mqtt_url, tmp_path, device_id):
     assert cloud_app.store.events(site=SITE, device=device) == []
 
 
-def _valid_payload(codebook_id: int, seq: int = 0) -> bytes:
+def _valid_payload(codebook_id: int, seq: int = 0, top_code: int = 39) -> bytes:
     codes = np.arange(40, dtype=np.uint16)
+    codes[-1] = top_code
     return wire.FramesMessage(codebook_id=codebook_id, seq=seq, t_start_ns=time.time_ns(), codes=codes).to_bytes()
 
 
@@ -109,6 +110,8 @@ def test_bad_payloads_are_counted_and_dead_lettered_without_crashing(cloud_app, 
         "UnsupportedVersion": wrong_version,
         "BadMagic": _with_crc(b"NOPE" + good[4:-4]),
         "WrongCodebook": _valid_payload((codebook_id + 1) % 2**32),
+        # the right codebook id, a code past its end: the model would fail on it at every retry
+        "CodeOutOfRange": _valid_payload(codebook_id, top_code=bundle.load_manifest(bundle.default_bundle_dir())["codebook_size"]),
     }
     before = cloud_app.store.metrics()
     client = mqtt_client_factory()
@@ -131,6 +134,30 @@ def test_bad_payloads_are_counted_and_dead_lettered_without_crashing(cloud_app, 
     # a duplicate of the accepted frame is dropped and counted, and the ingest is still healthy
     client.publish(topic, _valid_payload(codebook_id, seq=0), qos=1).wait_for_publish(5)
     _wait_for(lambda: cloud_app.store.metrics().get("duplicates", 0) > after.get("duplicates", 0), 30, "a duplicate")
+    health = httpx.get(f"{cloud_app.http_url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["workers_alive"] == cloud_app.config.ingest_workers
+
+
+@pytest.mark.slow
+def test_hostile_statuses_cost_only_themselves(cloud_app, mqtt_client_factory, device_id):
+    """A status whose JSON would overflow a float, nest past the recursion limit or carry a lone
+    surrogate is dead-lettered on its own; the frames beside it in the same round go on."""
+    device = device_id("hostile")
+    codebook_id = bundle.load_manifest(bundle.default_bundle_dir())["codebook_id"]
+    hostile = [b'{"state":"online","uptime_s":' + b"9" * 400 + b"}",
+               b'{"state":"online","extra":' + b"[" * 100_000 + b"}",
+               b'{"state":"online","model_error":"\\ud800"}']
+    client = mqtt_client_factory()
+    for payload in hostile:
+        client.publish(wire.status_topic(SITE, device), payload, qos=1)
+    for seq in range(3):
+        client.publish(wire.frames_topic(SITE, device), _valid_payload(codebook_id, seq=seq), qos=1).wait_for_publish(5)
+    key = f"{cloud_app.config.key_prefix}dev:{SITE}:{device}"
+    _wait_for(lambda: cloud_app.store.r.hget(key, "last_seq") == b"2", 30, "the frames after the hostile statuses")
+    letters = cloud_app.store.r.xrange(cloud_app.config.key_prefix + "deadletter")
+    mine = [f for _, f in letters if f[b"topic"].decode() == wire.status_topic(SITE, device)]
+    assert [f[b"reason"] for f in mine] == [b"InvalidField"] * 3
+    assert cloud_app.store.r.hget(key, "status_state") is None  # none of them was taken as a status
     health = httpx.get(f"{cloud_app.http_url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["workers_alive"] == cloud_app.config.ingest_workers
 

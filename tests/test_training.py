@@ -68,6 +68,8 @@ def test_tiny_training_run_exports_a_self_describing_bundle(ray_session, tmp_pat
     mixtures = training["mixtures"]
     assert sum(training["clips"].values()) == len(load_datasets([data, folders]).clips) + sum(mixtures.values())
     assert mixtures["train"] in (8, 16) and mixtures["validation"] in (0, 2, 4)
+    # pretrain_on="all" (the default): the front end and code LM learn from every training clip
+    assert training["pretraining_clips"] == training["clips"]["train"]
     metrics = training["metrics"]
     assert set(metrics["per_class"]) == set(manifest["labels"])
     assert 0.0 <= metrics["macro_f1"] <= 1.0 and 0.0 <= metrics["mAP"] <= 1.0

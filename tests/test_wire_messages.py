@@ -59,6 +59,7 @@ def mqtt_matches(topic_filter: str, topic: str) -> bool:
     cpu_percent=st.floats(0, 400),
     rss_mb=st.floats(0, 1e5),
     model_error=st.text(max_size=40),
+    callback_errors=st.integers(0, 2**40),
 )
 def test_status_round_trips_through_json(**fields: object) -> None:
     msg = StatusMessage(**fields)
@@ -72,7 +73,7 @@ def test_last_will_status_is_offline_with_zeroed_heartbeat_fields() -> None:
     assert json.loads(data) == {
         "state": "offline", "agent_version": "", "model_version": "", "codebook_id": 0, "t_ns": 0,
         "uptime_s": 0.0, "spool_depth": 0, "spool_dropped": 0, "cpu_percent": 0.0, "rss_mb": 0.0,
-        "model_error": "",
+        "model_error": "", "callback_errors": 0,
     }  # fmt: skip
     assert StatusMessage.from_bytes(b'{"state": "offline"}') == StatusMessage("offline")
 

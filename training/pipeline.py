@@ -157,8 +157,9 @@ def train_all(
             "data_dir": ",".join(map(str, data.data_dirs)),
             "data_layout": dataset.layout,
             "data_sha256": dataset.data_sha256,
-            "clips": {"train": len(train_idx), "validation": len(val_idx), "test": len(hold_idx),
-                      "pretraining": len(pre_idx)},
+            "clips": {"train": len(train_idx), "validation": len(val_idx), "test": len(hold_idx)},
+            # of the training clips, how many the front end, codebook and code LM learn from
+            "pretraining_clips": len(pre_idx),
             "mixtures": augmented,  # of those clips, how many are augmentation mixtures
             "codes_used": int((usage > 0).sum()),
             "metrics": metrics,

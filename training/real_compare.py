@@ -119,9 +119,9 @@ def run_comparison(bundle_dir: Path, test_dir: Path, work_dir: Path, cloud_confi
     ablation_manifest = bundle.load_manifest(ablation_dir)
     results["pretraining"] = {
         "bundle": {"pretrain_on": cfg.pretrain_on,
-                   "pretraining_clips": manifest["training"].get("clips", {}).get("pretraining")},
+                   "pretraining_clips": manifest["training"].get("pretraining_clips")},
         "ablation": {"pretrain_on": other, "model_version": evaluation["model_version"],
-                     "pretraining_clips": ablation_manifest["training"]["clips"]["pretraining"],
+                     "pretraining_clips": ablation_manifest["training"]["pretraining_clips"],
                      "mAP": evaluation["metrics"]["mAP"]["mean"], "AP": evaluation["metrics"]["mAP"]["per_label"],
                      "macro_f1": evaluation["metrics"]["macro_f1"],
                      "false_events_per_24h": evaluation["events"]["negative_pool"]["false_events_per_24h"],
