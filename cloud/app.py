@@ -45,7 +45,7 @@ from cloud.schemas import (
     parse_stream_start,
     parse_time_ns,
 )
-from cloud.store import CloudStore
+from cloud.store import CloudStore, persistence_warning
 from shared_models import bundle
 from soundfleet.config import CloudConfig
 
@@ -116,8 +116,12 @@ class Api:
 
         async def redis() -> dict:
             await asyncio.to_thread(self.store.ping)
+            persistence = await asyncio.to_thread(self.store.persistence)
+            if persistence in ("none", "rdb"):
+                warnings.append(persistence_warning(persistence))
             return {"redis": True}
 
+        warnings: list[str] = []
         names = (("mqtt",), ("redis",), ("code_lm", "classifier"))
         checks = (mqtt(), redis(), self.clips.probe())
         results = await asyncio.gather(*(asyncio.wait_for(c, READY_TIMEOUT_S) for c in checks),
@@ -131,7 +135,7 @@ class Api:
                     outcome[key] = result[key]
         reasons = [f"{key}: {value}" for key, value in outcome.items() if value is not True]
         body = {"status": "not ready" if reasons else "ready", "reason": "; ".join(reasons),
-                "checks": {key: value is True for key, value in outcome.items()}}
+                "checks": {key: value is True for key, value in outcome.items()}, "warnings": warnings}
         return JSONResponse(body, status_code=503 if reasons else 200)
 
     # --- devices and events --------------------------------------------------------------------

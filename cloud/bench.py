@@ -69,6 +69,7 @@ class CloudBenchSettings:
     processes: int = 0  # fleet simulator processes (0 = its default)
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     burst_s: float = 0.0  # after the real-time phase, an outage of this long, then the backlog at once
+    compare_auto_ack: bool = False  # also run batched with paho's ack on receipt: the cost of manual acks
 
     def validate(self) -> None:
         if self.devices < 1 or self.seconds < 1 or self.drain_timeout_s < 0 or self.burst_s < 0:
@@ -95,8 +96,24 @@ def run_cloud_bench(cloud: CloudConfig, settings: CloudBenchSettings) -> dict[st
         batched = next((s for s in steps if s["devices"] == settings.devices), None)
         batched = batched or measure(cloud, settings, tracks, settings.devices, batching=True)
         unbatched = measure(cloud, settings, tracks, settings.devices, batching=False)
+        auto_ack = (measure(dataclasses.replace(cloud, ingest_manual_ack=not cloud.ingest_manual_ack), settings,
+                            tracks, settings.devices, batching=True) if settings.compare_auto_ack else None)
     services = {"broker": broker_desc, "redis": redis_desc, "ray": ray_desc}
-    return build_report(settings, cloud, batched, unbatched, steps, services, machine)
+    report = build_report(settings, cloud, batched, unbatched, steps, services, machine)
+    if auto_ack is not None:
+        report["ack_comparison"] = _ack_comparison(batched, auto_ack, cloud.ingest_manual_ack)
+    return report
+
+
+def _ack_comparison(batched: dict, other: dict, manual: bool) -> dict[str, Any]:
+    """The batched run beside the same run with the other acknowledgement mode."""
+    runs = {"manual_ack": batched, "auto_ack": other} if manual else {"manual_ack": other, "auto_ack": batched}
+    keys = ("p50_ms", "p99_ms", "max_ms", "frames_lost", "frames_duplicated", "drain_s")
+    out: dict[str, Any] = {mode: {k: run[k] for k in keys} for mode, run in runs.items()}
+    for k in ("p50_ms", "p99_ms"):
+        a, b = runs["manual_ack"][k], runs["auto_ack"][k]
+        out[f"{k}_ratio_manual_over_auto"] = round(a / b, 3) if a and b else None
+    return out
 
 
 @contextlib.contextmanager
@@ -141,11 +158,14 @@ def stdout_to_stderr():
         os.close(saved)
 
 
-def _delete_app() -> None:
+def _delete_app(config: CloudConfig) -> None:
     from ray import serve
+
+    from cloud.mqtt_session import forget_sessions
 
     with contextlib.suppress(Exception):  # already gone
         serve.delete(APP_NAME)
+    forget_sessions(config)  # the run's ingest sessions would collect every later frame
 
 
 def _deploy(config: CloudConfig) -> None:
@@ -194,9 +214,10 @@ def measure(cloud: CloudConfig, settings: CloudBenchSettings, tracks: Tracks, de
         if profiler:
             figures["profile"] = profiler.stop(figures["messages_processed"])
     finally:
-        _delete_app()
+        _delete_app(config)
         _delete_keys(store)
     figures.update(ingest_batch_size=config.ingest_batch_size, max_batch_size=config.max_batch_size,
+                   manual_ack=config.ingest_manual_ack,
                    load_average_1m_after=round(os.getloadavg()[0], 2),
                    site=site, key_prefix=config.key_prefix,
                    deploy_s=round(deploy_s, 1),
@@ -418,6 +439,10 @@ def format_table(report: dict[str, Any]) -> str:
             (f"frames duplicated, {tag}", f"{m['frames_duplicated']}", "0",
              _yes(ok["frames_duplicated"]) if mode == "batched" else ""),
         ]
+    for mode, m in (r.get("ack_comparison") or {}).items():
+        if isinstance(m, dict):
+            rows.append((f"p50 / p99, lost, {mode.replace('_', ' ')}",
+                         f"{m['p50_ms']} / {m['p99_ms']} ms, {m['frames_lost']}", "", ""))
     head = (f"soundfleet bench cloud: {r['devices']} devices x {r['seconds']} s, "
             f"{r['machine']['cpu_model']} ({r['machine']['cores']} cores)")
     lines = [head, f"{'':34}{'measured':>22}  {'target':>14}  met"]

@@ -11,7 +11,7 @@ is emitted, with its start and end, when it closes. After it closes the same lab
 start again on that device for ``cooldown_ns``.
 
 ``label_policies`` is the one place a label's settings come from (the bundle's calibrated
-thresholds, then the config, then the live Serve ``user_config``): the ingest, ``/v1/classify``
+thresholds and minimum windows, then the config, then the live Serve ``user_config``): the ingest, ``/v1/classify``
 and ``soundfleet eval`` all call it.
 """
 
@@ -106,7 +106,8 @@ EVENT_KNOBS = ("on_threshold", "off_threshold", "min_windows", "hold_windows", "
 def label_policies(config: CloudConfig, manifest: dict, live: dict | None = None) -> dict[str, EventPolicy]:
     """One policy per label of the bundle.
 
-    Precedence: the bundle's calibrated per-label thresholds, then the config's, then ``live``
+    Precedence: the bundle's calibrated per-label thresholds and minimum windows, then the
+    config's, then ``live``
     (the deployment's Serve ``user_config``, changeable at runtime), whose ``on_threshold`` may
     be one number or ``{label: number}``. Unknown knobs or labels are a ValueError."""
     live = dict(live or {})
@@ -122,10 +123,11 @@ def label_policies(config: CloudConfig, manifest: dict, live: dict | None = None
         if live_on is not None:
             on = live_on.get(label, on) if isinstance(live_on, dict) else live_on
         off = live.get("off_threshold", config.off_threshold)
+        min_windows = config.min_windows if config.min_windows is not None else manifest.get("min_windows", {}).get(label, 1)
         policy = EventPolicy(
             on_threshold=float(on),
             off_threshold=min(float(off), float(on)),
-            min_windows=int(live.get("min_windows", config.min_windows)),
+            min_windows=int(live.get("min_windows", min_windows)),
             hold_windows=int(live.get("hold_windows", config.hold_windows)),
             cooldown_ns=int(float(live.get("cooldown_s", config.cooldown_s)) * 1e9),
         )

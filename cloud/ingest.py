@@ -14,6 +14,11 @@ trip per step and one model request, so batches grow with the load by
 themselves and an idle fleet waits for nothing. The queues are bounded, so a
 burst blocks paho (and with it TCP reads from the broker) instead of growing
 memory. A Redis error retries the same round until Redis answers.
+
+A frame is acknowledged to the broker only once its round is in Redis, on a
+persistent session whose client id a Redis slot lease keeps stable across replica
+restarts (`cloud.mqtt_session`): until then the broker holds it, so a crash means
+redelivery, never loss.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from cloud.archive import ArchiveWriter
 from cloud.device_log import DeviceLog, Lease
 from cloud.events import label_policies
 from cloud.homeassistant import DiscoveryPublisher
+from cloud.mqtt_session import SLOT_TTL_MS, AckSequencer, SessionSlot, acknowledge
 from cloud.pipeline import DeviceKey, Drain, Inbound, Pipeline
-from cloud.store import CloudStore
+from cloud.store import CloudStore, persistence_warning
 from shared_models import bundle
 from shared_models.callbacks import CallbackGuard
 from shared_models.wire import (
@@ -65,7 +71,16 @@ class Ingest:
         self.log = device_log
         self.replica = uuid.uuid4().hex[:8]
         self.client: mqtt.Client | None = None
+        self.client_id: str | None = None
         self.connected = threading.Event()
+        self.slot: SessionSlot | None = None  # the persistent session's identity (manual ack)
+        self.acks: AckSequencer | None = None  # this connection's PUBACKs (manual ack)
+        self.acks_sent = 0
+        if config.ingest_manual_ack:
+            self.slot = SessionSlot(self.store.r, self.store.key, config.key_prefix, config.ingest_share_group,
+                                    config.ingest_replicas)
+            slot = self.slot.claim(timeout_s=3 * SLOT_TTL_MS / 1000)
+            log.info("ingest replica %s holds session slot %d (%s)", self.replica, slot, self.slot.client_id)
         discovery = (DiscoveryPublisher(manifest["labels"], prefix=config.ha_discovery_prefix)
                      if config.ha_discovery_prefix else None)
         self.pipeline = Pipeline(
@@ -73,9 +88,13 @@ class Ingest:
             mqtt=lambda: self.client,
             archive=ArchiveWriter(self.store, config.archive_sites, manifest["codebook_id"], config.archive_maxlen),
             discovery=discovery, policies=label_policies(config, manifest), replica=self.replica,
+            acknowledge=acknowledge,  # the round's frames, once accepted; the rest after the round
         )
         self.redis_errors = 0
         self.callback_guard = CallbackGuard(log)  # .errors: exceptions paho's thread was spared
+        self.redis_persistence = self.store.persistence()
+        if self.redis_persistence in ("none", "rdb"):
+            log.warning("%s", persistence_warning(self.redis_persistence))
         per_worker = max(1, config.ingest_queue // config.ingest_workers)
         self.queues = [queue.Queue(maxsize=per_worker) for _ in range(config.ingest_workers)]
         self.workers = [
@@ -97,11 +116,14 @@ class Ingest:
 
     # --- MQTT ----------------------------------------------------------------
     def _connect(self) -> mqtt.Client:
-        client, endpoint = mqtt_client(self.config.broker_url, f"sf-ingest-{self.replica}")
+        manual = self.slot is not None
+        client_id = self.slot.client_id if manual else f"sf-ingest-{self.replica}"
+        client, endpoint = mqtt_client(self.config.broker_url, client_id, persistent=manual, manual_ack=manual)
+        self.client_id = client_id
         self.client = client  # before any message: workers publish events and discovery with it
         guard = self.callback_guard.wrap
         client.on_connect = guard(self._on_connect)
-        client.on_disconnect = guard(lambda *a: self.connected.clear())
+        client.on_disconnect = guard(self._on_disconnect)
         client.on_message = guard(self._on_message)
         client.connect_async(endpoint.host, endpoint.port, keepalive=30)
         client.loop_start()
@@ -113,12 +135,21 @@ class Ingest:
         if reason_code.is_failure:
             log.error("broker refused the ingest: %s", reason_code)
             return
+        if self.slot is not None:  # acks of the previous connection never go out on this one
+            self.acks = AckSequencer(client.ack)
         client.subscribe(self._subscriptions())
         self.connected.set()
         log.info("ingest replica %s subscribed to %s", self.replica, [t for t, _ in self._subscriptions()])
 
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if self.acks is not None:  # the broker redelivers what was not acknowledged
+            self.acks_sent += self.acks.sent
+            self.acks.close()
+
     def _on_message(self, client, userdata, msg) -> None:
-        item = Inbound(msg.topic, bytes(msg.payload), time.time_ns())
+        ticket = self.acks.receive(msg.mid, msg.qos) if self.acks is not None else None
+        item = Inbound(msg.topic, bytes(msg.payload), time.time_ns(), ticket)
         try:
             site, device, _ = parse_device_topic(msg.topic)
             target = self._queue_for(site, device)
@@ -134,6 +165,7 @@ class Ingest:
             while True:
                 try:
                     self.pipeline.run(batch, held)
+                    acknowledge([item.ack for item in batch if isinstance(item, Inbound)])
                     break
                 except redis.RedisError as exc:  # Redis restarting: the same round again, nothing dropped
                     self.redis_errors += 1
@@ -143,6 +175,7 @@ class Ingest:
                 except Exception:  # never let a bug kill the worker: keep the messages and go on
                     log.exception("ingest round of %d messages failed", len(batch))
                     self.pipeline.dead_letter_round(batch)
+                    acknowledge([item.ack for item in batch if isinstance(item, Inbound)])
                     held.clear()  # the leases expire; the sweeper hands their work out again
                     break
 
@@ -161,10 +194,24 @@ class Ingest:
         while True:
             time.sleep(SWEEP_S)
             try:
+                self._keep_slot()
                 for site, device in self.log.active_devices():
                     self._queue_for(site, device).put(Drain(site, device))
             except Exception:
                 log.exception("ingest sweeper failed; retrying")
+
+    def _keep_slot(self) -> None:
+        """Renew the session slot; if another replica took it (ours expired while Redis was
+        away), stop using its client id and connect again under a free one."""
+        if self.slot is None or self.slot.renew():
+            return
+        log.error("ingest replica %s lost session slot %d to another replica; reconnecting under a free one",
+                  self.replica, self.slot.slot)
+        old = self.client
+        old.disconnect()
+        old.loop_stop()
+        self.slot.claim(timeout_s=3 * SLOT_TTL_MS / 1000)
+        self._connect()
 
     def _queue_for(self, site: str, device: str) -> queue.Queue:
         return self.queues[zlib.crc32(f"{site}/{device}".encode()) % len(self.queues)]
@@ -188,6 +235,11 @@ class Ingest:
             "queued": sum(q.qsize() for q in self.queues),
             "redis_errors": self.redis_errors,
             "callback_errors": self.callback_guard.errors,
+            "manual_ack": self.slot is not None,
+            "acks_waiting": self.acks.waiting if self.acks is not None else 0,
+            "acks_sent": self.acks_sent + (self.acks.sent if self.acks is not None else 0),
+            "mqtt_client_id": self.client_id,
+            "redis_persistence": self.redis_persistence,
             "replica": self.replica,
             "metrics": self.store.metrics(),
         }
@@ -198,3 +250,15 @@ class Ingest:
         (its rounds wait for Redis instead; /readyz reports it)."""
         if not all(w.is_alive() for w in self.workers):
             raise RuntimeError("an ingest worker thread died")
+
+    def __del__(self) -> None:
+        """Serve shuts the replica down: leave the session (what is not acknowledged stays in
+        it for the replica that takes the slot next) and free the slot for it at once."""
+        try:
+            if self.client is not None:
+                self.client.disconnect()
+                self.client.loop_stop()
+            if self.slot is not None:
+                self.slot.release()
+        except Exception:  # shutting down: Redis or the broker may be gone already
+            log.warning("ingest replica %s: could not leave its session cleanly", self.replica, exc_info=True)

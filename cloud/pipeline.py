@@ -70,6 +70,7 @@ class Inbound:
     topic: str
     payload: bytes
     received_ns: int
+    ack: Any = None  # cloud.mqtt_session.Ticket: handed back once the round made this message durable
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Decoded:
     frames: list[tuple[str, str, WorkItem]]
     sources: list[Inbound]  # the message each of ``frames`` came from
     statuses: list[tuple[str, str, StatusMessage | None]]  # None: a retained status was cleared
+    status_sources: list[Inbound]  # the message each of ``statuses`` came from
     drains: set[DeviceKey]
 
 
@@ -124,13 +126,15 @@ class Pipeline:
 
     def __init__(self, manifest: dict, silence_code: int, store: CloudStore, device_log: DeviceLog,
                  code_lm: Any, classifier: Any, mqtt: Callable[[], Any], archive: ArchiveWriter,
-                 discovery: DiscoveryPublisher | None, policies: dict[str, event_logic.EventPolicy], replica: str):
+                 discovery: DiscoveryPublisher | None, policies: dict[str, event_logic.EventPolicy], replica: str,
+                 acknowledge: Callable[[list], None] = lambda tickets: None):
         self.manifest, self.silence_code = manifest, silence_code
         self.store, self.log = store, device_log
         self.code_lm, self.classifier = code_lm, classifier
         self.mqtt, self.archive, self.discovery = mqtt, archive, discovery
         self.policies = policies  # replaced whole by Ingest.reconfigure: a round sees one version
         self.replica = replica
+        self.acknowledge = acknowledge  # cloud.mqtt_session.acknowledge: the tickets of durable messages
         self.labels: list[str] = manifest["labels"]
         self.window = manifest["classifier_config"]["window_frames"]
         self.context = manifest["code_lm_config"]["context_frames"]
@@ -140,6 +144,11 @@ class Pipeline:
         record = RoundRecord(len(inbound))
         decoded = self._decode(inbound, record)
         ready = self._accept(decoded, record) | decoded.drains
+        # every frame of the round is in Redis now (accepted, a duplicate or dead-lettered): the
+        # broker may forget them while the models run; the statuses' turn comes after step 7
+        statuses = {id(item) for item in decoded.status_sources}
+        self.acknowledge([item.ack for item in inbound
+                          if isinstance(item, Inbound) and item.ack is not None and id(item) not in statuses])
         wanted = sorted(ready - held.keys())
         for key, lease in zip(wanted, self.log.lease_many(wanted), strict=True):
             if lease is not None:
@@ -160,7 +169,7 @@ class Pipeline:
 
     # --- 1-2: decode and accept --------------------------------------------------------
     def _decode(self, inbound: list[Inbound | Drain], record: RoundRecord) -> Decoded:
-        decoded = Decoded([], [], [], set())
+        decoded = Decoded([], [], [], [], set())
         received = 0
         for item in inbound:
             if isinstance(item, Drain):
@@ -172,6 +181,7 @@ class Pipeline:
                 if kind == "status":
                     status = StatusMessage.from_bytes(item.payload) if item.payload else None
                     decoded.statuses.append((site, device, status))
+                    decoded.status_sources.append(item)
                     continue
                 if kind != "frames":
                     raise WireError(f"unexpected topic kind {kind!r}")

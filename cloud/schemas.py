@@ -86,6 +86,7 @@ class Readiness(BaseModel):
     status: str = Field(description='"ready" or "not ready"')
     reason: str = Field("", description="why not ready: every failed check, separated by '; '")
     checks: dict[str, bool] = Field(description="mqtt, redis, code_lm, classifier: did each check pass")
+    warnings: list[str] = Field(default_factory=list, description="ready, but at risk: e.g. Redis runs without persistence")
 
 
 class Device(BaseModel):

@@ -47,6 +47,16 @@ RAW_SAMPLES = frozenset({"latency_ms"})
 DEADLETTER_PAYLOAD_BYTES = 64 * 1024
 
 
+def persistence_warning(persistence: str) -> str:
+    """What an operator reads (the ingest's log, /readyz) when Redis would lose data on a restart."""
+    if persistence == "none":
+        loss = "a restart forgets every device's last seq, context and unprocessed work"
+    else:
+        loss = "a crash loses every write since the last snapshot"
+    return (f"Redis runs with persistence {persistence!r}: {loss}; "
+            "run it with appendonly yes (infra/redis/redis.conf)")
+
+
 class CloudStore:
     def __init__(self, url: str, prefix: str = "sf:", events_maxlen: int = 100_000):
         self.r = redis.Redis.from_url(url, socket_timeout=10)
@@ -58,6 +68,18 @@ class CloudStore:
 
     def ping(self) -> bool:
         return bool(self.r.ping())
+
+    def persistence(self) -> str:
+        """How Redis keeps its data across a restart: "aof" (append-only file), "rdb" (snapshots
+        only: a crash loses the writes since the last one), "none", or "unknown" where CONFIG is
+        not allowed (managed Redis services often rename it)."""
+        try:
+            config = self.r.config_get("appendonly") | self.r.config_get("save")
+        except redis.ResponseError:
+            return "unknown"
+        if config.get("appendonly") == "yes":
+            return "aof"
+        return "rdb" if config.get("save") else "none"
 
     # --- device status ------------------------------------------------------
     def set_status(self, site: str, device: str, status: dict) -> None:

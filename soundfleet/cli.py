@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 from soundfleet.config import ConfigError, apply_flags, load_config
-from soundfleet.training_commands import data_command, eval_command, report_command, train_command
+from soundfleet.training_commands import (
+    calibrate_command,
+    data_command,
+    eval_command,
+    report_command,
+    train_command,
+)
 
 log = logging.getLogger("soundfleet")
 
@@ -63,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, type=Path, help="dataset directory: built-in corpus, labelled folders, ESC-50 or FSD50K layout")
     ev.add_argument("--out", type=Path, help="also write the JSON report to this file (or DIR/eval.json if it is a directory), with confusion.png and per_class.png beside it")
     _add_common(ev)
+
+    cal = sub.add_parser("calibrate", help="calibrate a bundle's event thresholds again, without training", description="Rebuild a trained bundle's validation split from the data its manifest names (sha256 checked), score it through the bundle's own models, and calibrate the per-label thresholds and minimum windows again for a false-alarm budget, as training does. Writes a copy of the bundle with the same models byte for byte (no edge rollout) and the new settings.")
+    cal.add_argument("--models", required=True, type=Path, help="the trained bundle (its manifest must name its training data)")
+    cal.add_argument("--out", required=True, type=Path, help="directory for the calibrated copy (new or empty)")
+    cal.add_argument("--false-events-per-24h", type=float, help="false-alarm budget, all labels together (default: the bundle's training budget)")
+    cal.add_argument("--max-min-windows", type=int, help="try 1 .. this many consecutive 1 s windows before an event starts, per label (default: the bundle's training setting, 3 if it has none)")
+    _add_common(cal)
 
     edge = sub.add_parser("edge", help="the edge agent", description="Run the edge agent (needs only the `edge` extra).")
     edge_sub = edge.add_subparsers(dest="edge_command", required=True, metavar="ACTION", help="agent action")
@@ -159,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cloud.add_argument("--steps", help="comma-separated fleet sizes for --find-max (default 50,100,200,300,500)")
     bench_cloud.add_argument("--profile", action="store_true", help="also sample where the time goes: CPU per process role (/proc), Redis commands and CPU (INFO), the ingest queue depth and the broker's transit time")
     bench_cloud.add_argument("--burst", type=float, default=0.0, metavar="X", help="after the real-time phase, an outage of X s, then every device flushes its X s of backlog at once (SPEC: nothing lost or duplicated under a 10x burst; the latency then includes the backlog's age)")
+    bench_cloud.add_argument("--compare-auto-ack", action="store_true", help="also run the batched fleet with the ingest acknowledging on receipt (ingest_manual_ack off: the old, lossy behaviour) and report both side by side with p50/p99 ratios, in 'ack_comparison'")
     bench_cloud.add_argument("--processes", type=int, default=0, help="fleet simulator processes (default min(4, CPU count))")
     bench_cloud.add_argument("--drain-timeout-s", type=float, default=60.0, help="after the fleet stops, wait at most this long for the ingest to catch up (default 60)")
     bench_cloud.add_argument("--bundle", type=Path, help="model bundle directory (default: the shipped bundle)")
@@ -337,7 +351,8 @@ def _bench_cloud(args, config) -> int:
         return 2
     settings = CloudBenchSettings(devices=args.devices, seconds=args.seconds, find_max=args.find_max,
                                   profile=args.profile, processes=args.processes,
-                                  drain_timeout_s=args.drain_timeout_s, burst_s=args.burst)
+                                  drain_timeout_s=args.drain_timeout_s, burst_s=args.burst,
+                                  compare_auto_ack=args.compare_auto_ack)
     if steps:
         settings.steps = steps
     for noisy in ("ray", "ray.serve", "soundfleet.services.broker"):
@@ -410,7 +425,7 @@ def _demo(args, config) -> int:
     return run_demo(args, config)
 
 
-COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command, "report": report_command, "edge": _edge, "models": _models, "cloud": _cloud, "bench": _bench, "fleet": _fleet, "demo": _demo}
+COMMANDS = {"data": data_command, "train": train_command, "eval": eval_command, "calibrate": calibrate_command, "report": report_command, "edge": _edge, "models": _models, "cloud": _cloud, "bench": _bench, "fleet": _fleet, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

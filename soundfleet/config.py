@@ -97,7 +97,7 @@ class CloudConfig:
     key_prefix: str = field(default="sf:", metadata={"doc": "prefix of every Redis key the cloud writes"})
     on_threshold: float | None = field(default=None, metadata={"doc": "probability at which an event starts; unset = the bundle's per-label calibrated thresholds"})
     off_threshold: float = field(default=0.3, metadata={"doc": "probability below which an active event ends (hysteresis)"})
-    min_windows: int = field(default=1, metadata={"doc": "consecutive 1 s windows above on_threshold before an event starts"})
+    min_windows: int | None = field(default=None, metadata={"doc": "consecutive 1 s windows above on_threshold before an event starts; unset = the bundle's per-label calibrated minimum (1 where it has none)"})
     hold_windows: int = field(default=1, metadata={"doc": "windows below off_threshold an active event survives (bridges short pauses)"})
     cooldown_s: float = field(default=2.0, metadata={"doc": "seconds after an event ends before the same label can start again on a device"})
     events_maxlen: int = field(default=100_000, metadata={"doc": "approximate retention of the Redis event stream, in entries"})
@@ -108,6 +108,7 @@ class CloudConfig:
     archive_sites: str = field(default="", metadata={"doc": "fleet archive, opt-in: comma-separated sites whose code sequences are kept as training data ('*' = all, empty = none)"})
     archive_maxlen: int = field(default=1_000_000, metadata={"doc": "archive stream bound in messages (about 120 MB of codes-only); roll it to Parquet with `soundfleet fleet archive`"})
     ha_discovery_prefix: str = field(default="homeassistant", metadata={"doc": "Home Assistant MQTT discovery prefix: an event entity per device is announced there (empty = off)"})
+    ingest_manual_ack: bool = field(default=True, metadata={"doc": "acknowledge a frame to the broker only once it is in Redis, on a persistent session with a stable client id (cloud/mqtt_session.py): an ingest crash, a Redis stall or an overload means redelivery and lag, never loss; false = paho's ack on receipt (the old behaviour, kept for bench cloud's side-by-side)"})
     ingest_workers: int = field(default=2, metadata={"doc": "threads processing frames in each ingest replica (devices are pinned to one); each works in rounds of everything waiting in its queue, so two keep a model request in flight while the other round does Redis (on 2 cores, 2 beat 1 and 4 in bench cloud)"})
     ingest_batch_size: int = field(default=256, metadata={"doc": "most messages one ingest worker takes per round (one Redis round trip per step and one model request for all of them); 1 turns the ingest's batching off"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
@@ -122,7 +123,8 @@ class CloudConfig:
             raise ConfigError("cloud thresholds need 0 < off_threshold <= on_threshold < 1")
         if self.ingest_replicas < 1 or self.model_max_replicas < 1 or self.max_pending < 1 or self.reorder_window_s < 0:
             raise ConfigError("cloud.ingest_replicas, model_max_replicas and max_pending must be >= 1, reorder_window_s >= 0")
-        if self.min_windows < 1 or self.ingest_workers < 1 or self.ingest_queue < 1 or self.ingest_batch_size < 1:
+        if (self.min_windows is not None and self.min_windows < 1) or self.ingest_workers < 1 \
+                or self.ingest_queue < 1 or self.ingest_batch_size < 1:
             raise ConfigError("cloud.min_windows, ingest_workers, ingest_queue and ingest_batch_size must be >= 1")
 
 
@@ -139,10 +141,12 @@ class TrainConfig:
     code_lm_epochs: int = field(default=12, metadata={"doc": "code Transformer training epochs"})
     classifier_epochs: int = field(default=6, metadata={"doc": "classifier training epochs"})
     classifier_pooling: str = field(default="meanmax", metadata={"doc": "classifier pooling of intermediate embeddings: 'meanmax' or 'wavelet' (S3's parameter-free multi-scale pooling)"})
+    split_by_source: bool = field(default=True, metadata={"doc": "keep every clip of one source (a Debian package, the cuts of one file: files named <source>__<rest>.wav) in one of train / validation / test, so validation and test hold sources the models never heard"})
     pretrain_on: str = field(default="all", metadata={"doc": "clips the label-free stages (front end, codebook, code LM) learn from: 'all' training clips, labelled or not (S2's label-free pretraining), or only the 'labelled' ones (its ablation)"})
     holdout_fraction: float = field(default=0.15, metadata={"doc": "fraction of clips held out for evaluation"})
     augment_per_label: int = field(default=160, metadata={"doc": "mixtures per label of weakly labelled event recordings (a folder of real barks) into the dataset's real negatives, for training (a quarter as many for validation); 0 = none"})
     false_events_per_24h: float = field(default=1.0, metadata={"doc": "false-alarm budget the per-label thresholds are calibrated for, on the validation clips' negatives (all labels together)"})
+    calibration_max_min_windows: int = field(default=3, metadata={"doc": "the calibration also tries 1 .. this many consecutive 1 s windows before an event starts, per label, and keeps the one with the best recall within the budget"})
     few_shot_negative_minutes: float = field(default=30.0, metadata={"doc": "`train --base`: minutes of the synthetic corpus generated as negatives for a user's new classes"})
     few_shot_epochs: int = field(default=10, metadata={"doc": "`train --base`: epochs of the new classifier outputs"})
     checkpoint_every: int = field(default=1, metadata={"doc": "epochs between Ray Train checkpoints"})
@@ -167,6 +171,8 @@ class TrainConfig:
             raise ConfigError("train.augment_per_label must be >= 0")
         if not self.false_events_per_24h >= 0:
             raise ConfigError("train.false_events_per_24h must be >= 0")
+        if not 1 <= self.calibration_max_min_windows <= 10:
+            raise ConfigError("train.calibration_max_min_windows must be in [1, 10]")
         if not self.few_shot_negative_minutes > 0 or self.few_shot_epochs < 1:
             raise ConfigError("train.few_shot_negative_minutes must be > 0 and train.few_shot_epochs >= 1")
 

@@ -67,6 +67,7 @@ def _run(args, config: Config, bundle_dir: Path, broker_url: str, redis_url: str
     from ray import serve
 
     from cloud.app import run_cloud
+    from cloud.mqtt_session import forget_sessions
     from edge.agent import EdgeAgent
     from edge.encoder import EdgeEncoder
     from shared_models.synth import scripted_scene
@@ -78,6 +79,7 @@ def _run(args, config: Config, bundle_dir: Path, broker_url: str, redis_url: str
     print("starting Ray and the Serve app ...", flush=True)
     ray.init(include_dashboard=False, log_to_driver=False)
     stack.callback(ray.shutdown)
+    stack.callback(forget_sessions, cloud)  # after the app is gone: nobody will come back for its frames
     stack.callback(serve.shutdown)
     run_cloud(cloud)
     print(f"cloud app up: http://{cloud.http_host}:{cloud.http_port}/v1/events", flush=True)

@@ -7,6 +7,7 @@ heavy modules (torch, Ray) are imported inside them, so importing this module is
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from soundfleet.config import apply_flags
@@ -137,6 +138,25 @@ def eval_command(args, config) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
+    return 0
+
+
+def calibrate_command(args, config) -> int:
+    import json
+
+    from shared_models.bundle import BundleError
+    from training.recalibrate import CalibrateError, recalibrate
+    from training.sources import DatasetError
+
+    try:
+        manifest = recalibrate(args.models, args.out, budget_per_24h=args.false_events_per_24h,
+                               max_min_windows=args.max_min_windows, command=" ".join(["soundfleet", *sys.argv[1:]]))
+    except (BundleError, CalibrateError, DatasetError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps({"model_version": manifest["model_version"], "thresholds": manifest["thresholds"],
+                      "min_windows": manifest["min_windows"], "calibration": manifest["training"]["calibration"]},
+                     indent=2))
     return 0
 
 

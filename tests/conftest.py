@@ -258,6 +258,13 @@ def cloud_app(ray_session, mqtt_url: str, redis_url: str) -> Iterator[CloudApp]:
     run_cloud(config)
     store = CloudStore(redis_url, config.key_prefix)
     yield CloudApp(config, f"http://127.0.0.1:{config.http_port}", store)
+    from ray import serve
+
+    from cloud.app import APP_NAME
+    from cloud.mqtt_session import forget_sessions
+
+    serve.delete(APP_NAME)
+    forget_sessions(config)  # its persistent ingest session would collect the broker's frames for nobody
     keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
     if keys:
         store.r.delete(*keys)
@@ -301,18 +308,38 @@ class OwnServer:
         self.process = None
 
 
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def shipped_config(path: Path, directives: dict[str, str]) -> str:
+    """The config file the project ships (infra/), with the ``directives`` named replaced (the
+    first line of each; the others dropped) or added: the outage tests run what a user deploys."""
+    lines, done = [], set()
+    for line in path.read_text().splitlines():
+        key = line.split(maxsplit=1)[0] if line.strip() and not line.lstrip().startswith("#") else None
+        if key in directives:
+            if key not in done:
+                lines.append(f"{key} {directives[key]}")
+                done.add(key)
+            continue
+        lines.append(line)
+    lines += [f"{key} {value}" for key, value in directives.items() if key not in done]
+    return "\n".join(lines) + "\n"
+
+
 class OwnMosquitto(OwnServer):
-    """Mosquitto with persistence, so persistent sessions and their queues survive an outage."""
+    """infra/mosquitto/mosquitto.conf on a free port: persistence on, so persistent sessions and
+    their queues survive an outage."""
 
     def __init__(self, workdir: Path, binary: str):
         super().__init__(workdir, binary)
         self.config = workdir / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"user {getpass.getuser()}\n"  # keep our user: root would drop to 'mosquitto' and not write
-            f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
-            f"max_queued_messages 100000\n"
-        )
+        self.config.write_text(shipped_config(INFRA / "mosquitto" / "mosquitto.conf", {
+            "listener": f"{self.port} 127.0.0.1",
+            "user": getpass.getuser(),  # keep our user: root would drop to 'mosquitto' and not write
+            "persistence_location": f"{workdir}/",
+            "autosave_interval": "1",
+        }))
 
     @property
     def url(self) -> str:
@@ -323,16 +350,17 @@ class OwnMosquitto(OwnServer):
 
 
 class OwnRedis(OwnServer):
-    """redis-server with an append-only file fsynced on every write, so a restart keeps everything
-    (as a production Redis for soundfleet should be set up)."""
+    """infra/redis/redis.conf on a free port (append-only file on: a restart keeps everything)."""
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        config = self.workdir / "redis.conf"
+        config.write_text(shipped_config(INFRA / "redis" / "redis.conf", {
+            "port": str(self.port), "bind": "127.0.0.1", "dir": str(self.workdir)}))
+        return [self.binary, str(config)]
 
 
 def _own_server(cls: type[OwnServer], binary_name: str, workdir: Path) -> Iterator[OwnServer]:

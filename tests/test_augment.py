@@ -118,21 +118,47 @@ def _scored(peaks: list[float], carried: set[str], seconds: int = 60) -> ScoredC
 def test_thresholds_sit_just_above_the_loudest_false_event_when_the_budget_allows_none():
     scored = [_scored([0.62, 0.4], set()), _scored([0.55], {"speech"}),
               _scored([0.9], {"siren"}), _scored([0.7], {"siren"})]
-    thresholds, report = calibrate_event_thresholds(scored, ("siren",), {"siren": EventPolicy()}, 40, 1.0)
+    thresholds, minimums, report = calibrate_event_thresholds(scored, ("siren",), {"siren": EventPolicy()}, 40, 1.0)
     assert report["false_events_allowed_per_label"] == 0  # 2 minutes of pool cannot hold 1 per 24 h
-    assert thresholds == {"siren": 0.63}
+    assert thresholds == {"siren": 0.63} and minimums == {"siren": 1}
     assert report["labels"]["siren"]["recall"] == 1.0 and report["labels"]["siren"]["pool_false_events"] == 0
 
 
 def test_a_long_pool_spends_its_budget_and_an_unreachable_one_takes_the_top_threshold():
     quiet = [_scored([0.2], set(), seconds=3600) for _ in range(47)]  # 47 h of nothing
     loud_once = _scored([0.8], set(), seconds=3600)  # one false event in 48 h
-    _, strict = calibrate_event_thresholds([*quiet, loud_once], ("siren",), {"siren": EventPolicy()}, 40, 0.0)
-    spent, lenient = calibrate_event_thresholds([*quiet, loud_once], ("siren",), {"siren": EventPolicy()}, 40, 0.5)
+    _, _, strict = calibrate_event_thresholds([*quiet, loud_once], ("siren",), {"siren": EventPolicy()}, 40, 0.0)
+    spent, _, lenient = calibrate_event_thresholds([*quiet, loud_once], ("siren",), {"siren": EventPolicy()}, 40, 0.5)
     assert strict["labels"]["siren"]["on_threshold"] == 0.81
     assert lenient["false_events_allowed_per_label"] == 1 and spent == {"siren": 0.3}
     always = [_scored([0.9995], set())]
-    top, _ = calibrate_event_thresholds(always, ("siren",), {"siren": EventPolicy()}, 40, 1.0)
+    top, _, _ = calibrate_event_thresholds(always, ("siren",), {"siren": EventPolicy()}, 40, 1.0)
     assert top == {"siren": 0.999}
-    _, above_099 = calibrate_event_thresholds([_scored([0.993], set())], ("siren",), {"siren": EventPolicy()}, 40, 1.0)
+    _, _, above_099 = calibrate_event_thresholds([_scored([0.993], set())], ("siren",), {"siren": EventPolicy()}, 40, 1.0)
     assert above_099["labels"]["siren"]["on_threshold"] == 0.995  # the grid goes past 0.99
+
+
+def _sustained(level: float, start: int, length: int, carried: set[str], seconds: int = 30) -> ScoredClip:
+    """A clip whose one label scores ``level`` for ``length`` windows from ``start``, 0.1 elsewhere."""
+    probs = np.full((seconds, 1), 0.1, np.float32)
+    probs[start : start + length, 0] = level
+    return ScoredClip(clip_windows(np.zeros(seconds * 40, np.int64), 40, 160), probs, frozenset(carried), float(seconds))
+
+
+def test_a_long_sound_buys_a_lower_threshold_with_more_windows_and_a_short_one_keeps_one():
+    """Negatives whose label jumps to 0.905 for 2 windows at a time: with 1 window the threshold
+    must clear it (0.91) and the 4 s siren at 0.6 is missed; 3 windows never start on a 2-window blip,
+    so the threshold falls to the grid's floor and the siren is found. A bark is 1 window at
+    0.95: more windows would miss it, so it keeps 1."""
+    negatives = [_scored([0.905, 0.905], set()) for _ in range(3)]
+    sirens = [_sustained(0.6, 5, 4, {"siren"}) for _ in range(2)]
+    thresholds, minimums, report = calibrate_event_thresholds(
+        [*negatives, *sirens], ("siren",), {"siren": EventPolicy()}, 40, 1.0, min_windows=(1, 2, 3))
+    assert minimums == {"siren": 3} and thresholds == {"siren": 0.3}
+    tried = {o["min_windows"]: o for o in report["labels"]["siren"]["tried"]}
+    assert tried[1]["on_threshold"] == 0.91 and tried[1]["recall"] == 0.0
+    assert tried[2]["on_threshold"] == 0.91 and tried[3]["recall"] == 1.0
+    barks = [_sustained(0.95, 5, 1, {"siren"}) for _ in range(2)]
+    thresholds, minimums, _ = calibrate_event_thresholds(
+        [*negatives, *barks], ("siren",), {"siren": EventPolicy()}, 40, 1.0, min_windows=(1, 2, 3))
+    assert minimums == {"siren": 1} and thresholds == {"siren": 0.91}

@@ -86,6 +86,20 @@ def test_live_user_config_overrides_thresholds_per_label_and_rejects_unknowns():
         label_policies(CloudConfig(), manifest, {"on_threshold": 1.5})
 
 
+def test_a_bundles_minimum_windows_apply_per_label_unless_the_config_or_live_settings_say_otherwise():
+    from cloud.events import label_policies
+    from soundfleet.config import CloudConfig
+
+    manifest = {"labels": ["siren", "dog_bark"], "thresholds": {"siren": 0.4, "dog_bark": 0.8},
+                "min_windows": {"siren": 3}}
+    policies = label_policies(CloudConfig(), manifest)
+    assert (policies["siren"].min_windows, policies["dog_bark"].min_windows) == (3, 1)  # 1 where it has none
+    assert {p.min_windows for p in label_policies(CloudConfig(min_windows=2), manifest).values()} == {2}
+    assert {p.min_windows for p in label_policies(CloudConfig(), manifest, {"min_windows": 4}).values()} == {4}
+    older = label_policies(CloudConfig(), {k: v for k, v in manifest.items() if k != "min_windows"})
+    assert {p.min_windows for p in older.values()} == {1}  # a bundle from before keeps one window
+
+
 def test_serve_yaml_args_and_live_event_settings_are_valid():
     from pathlib import Path
 

@@ -175,6 +175,12 @@ def test_readyz_is_200_when_mqtt_redis_and_both_models_answer(cloud_app):
     body = response.json()
     assert body["status"] == "ready" and body["reason"] == ""
     assert body["checks"] == {"mqtt": True, "redis": True, "code_lm": True, "classifier": True}
+    # ready, but it says so when the session's Redis would lose the devices' state on a restart
+    # (the machine's Redis runs with --save "" --appendonly no)
+    from cloud.store import persistence_warning
+
+    persistence = cloud_app.store.persistence()
+    assert body["warnings"] == ([persistence_warning(persistence)] if persistence in ("none", "rdb") else [])
 
 
 def test_openapi_lists_every_route_with_a_summary_and_documented_parameters(cloud_app):

@@ -70,3 +70,28 @@ def test_the_comparison_refuses_a_bundle_it_cannot_retrain_before_training_anyth
     with pytest.raises(CompareError, match="not the data sf1-.* was trained on .*rebuild it"):
         run_comparison(trained, tmp_path / "corpus", tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_source_stays_on_one_side_of_every_split_and_singletons_split_as_before():
+    from pathlib import Path
+
+    from soundfleet.config import TrainConfig
+    from training.dataset import clip_source, split_clips
+    from training.pipeline import train_val_test_split
+    from training.sources import Clip
+
+    # 40 clips of package a, 25 of b, 10 of c, and 125 synthetic clips, each its own source
+    names = ([f"a__{k}.wav" for k in range(40)] + [f"b__{k}.wav" for k in range(25)]
+             + [f"c__x-{k}__{k % 3}.wav" for k in range(10)] + [f"clip_{k:05d}.wav" for k in range(125)])
+    clips = [Clip(Path("/data") / name, [], 1.0) for name in names]
+    groups = [clip_source(c) for c in clips]
+    assert groups[0] == "a" and groups[65] == "c" and groups[-1] == "/data/clip_00124.wav"
+    cfg = TrainConfig(seed=4, holdout_fraction=0.2)
+    parts = train_val_test_split(len(clips), cfg, groups)
+    assert sorted(sum(parts, [])) == list(range(len(clips)))  # disjoint, and nothing left out
+    for source in ("a", "b", "c"):
+        sides = {k for k, part in enumerate(parts) for i in part if groups[i] == source}
+        assert len(sides) == 1, f"{source} split across {sides}"
+    assert 0.1 * len(clips) <= len(parts[2]) <= 0.3 * len(clips)  # about its share, within 1.5x
+    # with every clip its own source the split is the clip-by-clip one, index for index
+    assert split_clips(200, 0.2, 4, [str(i) for i in range(200)]) == split_clips(200, 0.2, 4)

@@ -248,7 +248,11 @@ def test_the_shipped_catalogue_is_valid_and_keeps_every_package_in_one_split():
 
 
 def test_the_real_audio_report_states_what_its_json_says(packages, tmp_path):
-    from training.real_audio_report import FALSE_EVENTS_PER_24H_TARGET, render, run_real_audio_report
+    from training.real_audio_report import (
+        FALSE_EVENTS_PER_24H_TARGET,
+        render,
+        run_real_audio_report,
+    )
 
     catalogue, cache = packages
     build_real_corpus(tmp_path / "real", cache, catalogue, progress=False)

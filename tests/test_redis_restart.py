@@ -1,7 +1,7 @@
 """The cloud across a Redis restart: frames wait, none is lost or processed twice.
 
-A redis-server owned by the test (`OwnRedis` in conftest: append-only file with fsync on
-every write, so a restart keeps everything, as a production Redis for soundfleet should be set up)
+A redis-server owned by the test (`OwnRedis` in conftest: the shipped infra/redis/redis.conf,
+append-only file on, so a restart keeps everything, as a production Redis for soundfleet is set up)
 backs a second Serve app on the real broker. Frames stream in; Redis is stopped
 mid-stream and started again on the same port and data. The ingest's rounds fail
 meanwhile and are run again (accept is idempotent, the commit fenced), so every
@@ -38,6 +38,7 @@ def test_frames_wait_out_a_redis_restart_and_are_processed_once_in_order(cloud_a
     from ray import serve
 
     from cloud.app import build_app
+    from cloud.mqtt_session import forget_sessions
     from cloud.store import CloudStore
     from soundfleet.config import CloudConfig
 
@@ -86,3 +87,5 @@ def test_frames_wait_out_a_redis_restart_and_are_processed_once_in_order(cloud_a
         assert stats["workers_alive"] == config.ingest_workers
     finally:
         serve.delete(app)
+        forget_sessions(config)
+

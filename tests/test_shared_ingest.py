@@ -36,6 +36,7 @@ def shared_app(cloud_app, mqtt_url, redis_url):
     from ray import serve
 
     from cloud.app import build_app
+    from cloud.mqtt_session import forget_sessions
     from cloud.store import CloudStore
     from soundfleet.config import CloudConfig
 
@@ -46,6 +47,7 @@ def shared_app(cloud_app, mqtt_url, redis_url):
     store = CloudStore(redis_url, config.key_prefix)
     yield config, store
     serve.delete("sf-shared")
+    forget_sessions(config)
     keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
     if keys:
         store.r.delete(*keys)

@@ -78,6 +78,24 @@ def test_tiny_training_run_exports_a_self_describing_bundle(ray_session, tmp_pat
     assert calibration["budget_per_24h"] == 1.0 and calibration["pool_hours"] > 0
     assert manifest["thresholds"] == {label: row["on_threshold"] for label, row in calibration["labels"].items()}
     assert all(0.3 <= t <= 0.999 for t in manifest["thresholds"].values())
+    assert manifest["min_windows"] == {label: row["min_windows"] for label, row in calibration["labels"].items()}
+    assert set(manifest["min_windows"].values()) <= {1, 2, 3}
+    assert all([o["min_windows"] for o in row["tried"]] == [1, 2, 3] for row in calibration["labels"].values())
+
+    # `soundfleet calibrate` at the training's own settings finds the same thresholds from the
+    # bundle's ONNX codes, and at other settings writes a copy with the same models
+    from training.recalibrate import CalibrateError, recalibrate
+
+    again = recalibrate(out, tmp_path / "same")
+    assert (again["thresholds"], again["min_windows"]) == (manifest["thresholds"], manifest["min_windows"])
+    one = recalibrate(out, tmp_path / "one-window", budget_per_24h=1000.0, max_min_windows=1)
+    assert set(one["min_windows"].values()) == {1} and one["model_version"].startswith(manifest["model_version"] + "-cal")
+    assert one["recalibrated"]["previous_thresholds"] == manifest["thresholds"]
+    assert one["training"]["calibration"]["budget_per_24h"] == 1000.0
+    for name in (bundle.EDGE_MODEL, bundle.CODEBOOK, bundle.CLOUD_WEIGHTS):
+        assert (tmp_path / "one-window" / name).read_bytes() == (out / name).read_bytes()
+    with pytest.raises(CalibrateError, match="not empty"):
+        recalibrate(out, tmp_path / "one-window")
 
     # the ONNX model describes itself the same way
     meta = ort.InferenceSession(str(out / bundle.EDGE_MODEL)).get_modelmeta().custom_metadata_map

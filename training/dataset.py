@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,8 +83,39 @@ def load_framed(clips: list[Clip], labels: tuple[str, ...], min_frames: int = 0)
     return framed
 
 
-def split_clips(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train / held-out split of clip indices."""
-    order = np.random.default_rng(seed).permutation(n)
+def split_clips(n: int, holdout_fraction: float, seed: int,
+                groups: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+    """Deterministic train / held-out split of clip indices.
+
+    With ``groups`` (one name per clip), every clip of a group lands on the same side: the
+    held-out part then measures recordings from sources the other part never heard, not other
+    cuts of the same file or other files of the same package. Groups are drawn in a seeded
+    random order and held out while the held-out part stays within 1.5 times its share (a
+    group too big for that is passed over), until it has its share. Clips without a group of
+    their own (every name distinct) split exactly as clip by clip."""
     n_hold = max(1, int(round(n * holdout_fraction))) if n > 1 else 0
-    return sorted(order[n_hold:].tolist()), sorted(order[:n_hold].tolist())
+    if groups is None:
+        order = np.random.default_rng(seed).permutation(n)
+        return sorted(order[n_hold:].tolist()), sorted(order[:n_hold].tolist())
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group names for {n} clips")
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    names = list(members)  # first seen first: the clips' own (sorted) order
+    held: list[int] = []
+    for g in np.random.default_rng(seed).permutation(len(names)):
+        if len(held) >= n_hold:
+            break
+        if not held or len(held) + len(members[names[g]]) <= 1.5 * n_hold:
+            held += members[names[g]]
+    hold = set(held)
+    return [i for i in range(n) if i not in hold], sorted(held)
+
+
+def clip_source(clip: Clip) -> str:
+    """The recording source a clip comes from, for splits that keep a source on one side:
+    ``<source>__<rest>.wav`` (``soundfleet data real`` names clips ``<package>__...``; a user
+    can name a session's recordings ``kitchen__001.wav``), else the clip's own path."""
+    stem = Path(clip.wav_path).stem
+    return stem.split("__", 1)[0] if "__" in stem else str(clip.wav_path)

@@ -143,45 +143,55 @@ def label_event_count(clip: ScoredClip, j: int, policy: EventPolicy, window_fram
     return len(clip_events(clip.windows, list(clip.probs[:, j : j + 1]), ["x"], {"x": policy}, window_frames))
 
 
-def at_threshold(policy: EventPolicy, on_threshold: float) -> EventPolicy:
-    """``policy`` with its on-threshold moved (the off-threshold never above it)."""
-    return dataclasses.replace(policy, on_threshold=on_threshold, off_threshold=min(policy.off_threshold, on_threshold))
+def at_threshold(policy: EventPolicy, on_threshold: float, min_windows: int | None = None) -> EventPolicy:
+    """``policy`` with its on-threshold moved (the off-threshold never above it), and its
+    minimum windows when given."""
+    return dataclasses.replace(policy, on_threshold=on_threshold, off_threshold=min(policy.off_threshold, on_threshold),
+                               min_windows=policy.min_windows if min_windows is None else min_windows)
 
 
 def calibrate_event_thresholds(scored: list[ScoredClip], labels: tuple[str, ...], policies: dict[str, EventPolicy],
                                window_frames: int, budget_per_24h: float,
-                               grid: tuple[float, ...] = CALIBRATION_GRID) -> tuple[dict[str, float], dict]:
+                               grid: tuple[float, ...] = CALIBRATION_GRID,
+                               min_windows: tuple[int, ...] = (1,)) -> tuple[dict[str, float], dict[str, int], dict]:
     """Per label, the lowest on-threshold of ``grid`` whose false events on the negative pool
     of ``scored`` stay within the label's share of ``budget_per_24h`` (the budget is for all
     labels together, so each gets ``1 / len(labels)`` of it); the grid's top when none does.
 
+    With several ``min_windows`` (consecutive windows above the threshold before an event
+    starts), that search runs for each, and the label keeps the one whose threshold gives the
+    best recall over the clips that carry it (the smallest on a tie: events start soonest). A
+    long sound (a siren, speech) can then demand 3 s above a lower threshold, where a short
+    one (a dog's bark) keeps 1 window. Returns (thresholds, min windows, report).
+
     A short pool cannot resolve a small budget: 1 event per 24 h over 40 minutes allows
     0 events, so the threshold lands just above the pool's loudest false event. The
-    returned report says how many events the pool allowed, and the recall over the clips
-    that carry each label at the chosen threshold.
+    report says how many events the pool allowed, and per label and per minimum the
+    threshold, the pool's false events and the recall there.
     """
     pool = [c for c in scored if c.in_pool]
     pool_days = sum(c.heard_s for c in pool) / SECONDS_PER_DAY
     allowed = int(np.floor(budget_per_24h * pool_days / max(1, len(labels)) + 1e-9))
-    thresholds, report = {}, {"budget_per_24h": budget_per_24h, "pool_hours": round(pool_days * 24, 3),
-                              "false_events_allowed_per_label": allowed, "labels": {}}
+    thresholds, minimums = {}, {}
+    report = {"budget_per_24h": budget_per_24h, "pool_hours": round(pool_days * 24, 3),
+              "false_events_allowed_per_label": allowed, "labels": {}}
     for j, label in enumerate(labels):
         negatives = [c for c in pool if label not in c.carried]
         positives = [c for c in scored if label in c.carried]
-
-        def at(t: float, base: EventPolicy = policies[label]) -> EventPolicy:
-            return at_threshold(base, t)
-
-        chosen, false = grid[-1], None
-        for t in grid:
-            false = sum(label_event_count(c, j, at(t), window_frames) for c in negatives)
-            if false <= allowed:
-                chosen = t
-                break
-        policy = at(chosen)
-        hits = sum(label_event_count(c, j, policy, window_frames) > 0 for c in positives)
-        thresholds[label] = chosen
-        report["labels"][label] = {"on_threshold": chosen, "pool_false_events": false,
-                                   "positive_clips": len(positives),
-                                   "recall": round(hits / len(positives), 4) if positives else None}
-    return thresholds, report
+        options = []  # per minimum: (threshold, false events there, recall there)
+        for m in min_windows:
+            chosen, false = grid[-1], None
+            for t in grid:
+                false = sum(label_event_count(c, j, at_threshold(policies[label], t, m), window_frames) for c in negatives)
+                if false <= allowed:
+                    chosen = t
+                    break
+            policy = at_threshold(policies[label], chosen, m)
+            hits = sum(label_event_count(c, j, policy, window_frames) > 0 for c in positives)
+            options.append({"min_windows": m, "on_threshold": chosen, "pool_false_events": false,
+                            "recall": round(hits / len(positives), 4) if positives else None})
+        best = max(options, key=lambda o: (o["recall"] or 0.0, -o["min_windows"]))
+        thresholds[label], minimums[label] = best["on_threshold"], best["min_windows"]
+        report["labels"][label] = {**best, "positive_clips": len(positives),
+                                   **({"tried": options} if len(options) > 1 else {})}
+    return thresholds, minimums, report

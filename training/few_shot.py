@@ -157,7 +157,8 @@ def add_classes(base_dir: Path, data_dirs: Sequence[Path], out_dir: Path, cfg: T
 
     budget = cfg.false_events_per_24h * N / (L + N)
     policies = label_policies(CloudConfig(), {"labels": list(new_labels)})
-    thresholds, calibration = calibrate_event_thresholds(
+    # the new labels keep one window: a user's 5-20 recordings are too few to choose more
+    thresholds, _, calibration = calibrate_event_thresholds(
         scored([negatives[i] for i in neg_val] + [user_clips[i] for i in sorted(held_idx)]), new_labels, policies, W,
         budget)
     trained_on = scored(train_pos)
@@ -184,6 +185,7 @@ def add_classes(base_dir: Path, data_dirs: Sequence[Path], out_dir: Path, cfg: T
         "model_version": f"{base['model_version']}-{'-'.join(new_labels)}"[:54] + f"-{cloud_sha[:8]}",
         "labels": list(labels),
         "thresholds": {**base["thresholds"], **thresholds},
+        "min_windows": {**base.get("min_windows", {}), **dict.fromkeys(new_labels, 1)},
         "custom_classifier_config": dataclasses.asdict(custom_config),
         "base": {"model_version": base["model_version"], "path": str(base_dir),
                  "edge_sha256": base["sha256"][bundle.EDGE_MODEL], "training": base["training"]},

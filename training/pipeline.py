@@ -30,7 +30,7 @@ from soundfleet.config import CloudConfig, TrainConfig
 from training import stages
 from training.augment import augment_clips
 from training.autoencoder_stage import fit_autoencoder
-from training.dataset import FramedClip, load_framed, split_clips, window_targets
+from training.dataset import FramedClip, clip_source, load_framed, split_clips, window_targets
 from training.eval_events import ScoredClip, calibrate_event_thresholds, window_probabilities
 from training.evaluate import average_precision, window_metrics
 from training.export import write_bundle
@@ -116,10 +116,12 @@ def train_all(
     # 5. per-label on-thresholds for the false-alarm budget, by the live event logic over the
     #    validation clips' windows (one decision per second, as the ingest makes them)
     scored = [scored_clip(framed[i], codes[i], labels, code_lm, classifier, centroids) for i in val_idx]
-    thresholds, calibration = calibrate_event_thresholds(
-        scored, labels, label_policies(CloudConfig(), {"labels": labels}), W, cfg.false_events_per_24h)
-    log.info("thresholds for %.1f false events per 24 h over %.2f h of validation negatives: %s",
-             cfg.false_events_per_24h, calibration["pool_hours"], thresholds)
+    thresholds, min_windows, calibration = calibrate_event_thresholds(
+        scored, labels, label_policies(CloudConfig(), {"labels": labels}), W, cfg.false_events_per_24h,
+        min_windows=tuple(range(1, cfg.calibration_max_min_windows + 1)))
+    log.info("thresholds (min windows) for %.1f false events per 24 h over %.2f h of validation negatives: %s",
+             cfg.false_events_per_24h, calibration["pool_hours"],
+             {label: f"{thresholds[label]} ({min_windows[label]})" for label in labels})
 
     # 6. held-out window metrics at those thresholds: all test clips, then the synthetic and
     #    the real (weakly labelled) ones apart
@@ -146,6 +148,7 @@ def train_all(
         "sample_rate_hz": SAMPLE_RATE_HZ,
         "labels": list(labels),
         "thresholds": thresholds,
+        "min_windows": min_windows,  # per label: consecutive 1 s windows before an event starts
         "frontend": cfg.frontend,  # shared_models.frontends kind; rebuild with build_front_end
         "frontend_config": dataclasses.asdict(fe_config),
         "code_lm_config": dataclasses.asdict(lm_config),
@@ -205,7 +208,8 @@ def prepare_data(data_dir: Path | Sequence[Path], cfg: TrainConfig) -> TrainingD
     labels = dataset.labels
     framed = load_framed(dataset.clips, labels, min_frames=SceneClassifierConfig().window_frames)
     # three disjoint clip sets: train, validation (threshold calibration), held-out test (metrics)
-    train_idx, val_idx, hold_idx = train_val_test_split(len(framed), cfg)
+    groups = [clip_source(c) for c in dataset.clips] if cfg.split_by_source else None
+    train_idx, val_idx, hold_idx = train_val_test_split(len(framed), cfg, groups)
     log.info("%s dataset %s: %d clips (%d train, %d validation, %d test), %d labels",
              dataset.layout, dataset.name, len(framed), len(train_idx), len(val_idx), len(hold_idx), len(labels))
     augmented = {}
@@ -238,10 +242,13 @@ def scored_clip(clip: FramedClip, codes: torch.Tensor, labels: tuple[str, ...], 
     return ScoredClip(windows, probs, clip.carried(labels), (len(clip.patches) - clip.padded_frames) / FRAMES_PER_SECOND)
 
 
-def train_val_test_split(n_clips: int, cfg: TrainConfig) -> tuple[list[int], list[int], list[int]]:
-    """Three disjoint, deterministic clip index sets: train, validation, held-out test."""
-    train_idx, hold_idx = split_clips(n_clips, cfg.holdout_fraction, cfg.seed)
-    fit_idx, val_idx = split_clips(len(train_idx), cfg.holdout_fraction, cfg.seed + 1)
+def train_val_test_split(n_clips: int, cfg: TrainConfig,
+                         groups: Sequence[str] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """Three disjoint, deterministic clip index sets: train, validation, held-out test; with
+    ``groups`` (a source per clip), each source in one of them (``split_clips``)."""
+    train_idx, hold_idx = split_clips(n_clips, cfg.holdout_fraction, cfg.seed, groups)
+    fit_idx, val_idx = split_clips(len(train_idx), cfg.holdout_fraction, cfg.seed + 1,
+                                   None if groups is None else [groups[i] for i in train_idx])
     return [train_idx[i] for i in fit_idx], [train_idx[i] for i in val_idx], hold_idx
 
 

@@ -36,6 +36,7 @@ from training.log_mel_cnn import fit_cnn
 from training.pipeline import (
     TRAIN_WINDOW_STRIDE,
     WEAK_WINDOW_STRIDE,
+    TrainingData,
     prepare_data,
     span_targets,
     train_all,
@@ -60,9 +61,22 @@ def bundle_training(bundle_dir: Path) -> tuple[list[Path], TrainConfig, dict[str
     if not training.get("data_dir") or not isinstance(training.get("config"), dict):
         raise CompareError(f"{bundle_dir}: the manifest has no training record (data_dir, config) to train baselines on")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in training["config"].items() if k in known})
+    # a bundle trained before the split by source had its clips split one by one
+    cfg = TrainConfig(**{"split_by_source": False, **{k: v for k, v in training["config"].items() if k in known}})
     cfg.validate()
     return [Path(d) for d in training["data_dir"].split(",")], cfg, manifest
+
+
+def bundle_data(bundle_dir: Path) -> tuple[TrainingData, TrainConfig, dict[str, Any]]:
+    """The bundle's training data, prepared (framed, split, augmented) exactly as its training
+    run did, after checking it is the same data (sha256); (data, config, manifest)."""
+    data_dirs, cfg, manifest = bundle_training(bundle_dir)
+    data = prepare_data(data_dirs, cfg)
+    if data.dataset.data_sha256 != manifest["training"].get("data_sha256"):
+        raise CompareError(f"{', '.join(map(str, data_dirs))}: not the data {manifest['model_version']} was trained on "
+                           f"(sha256 {data.dataset.data_sha256[:16]}, the manifest says "
+                           f"{str(manifest['training'].get('data_sha256'))[:16]}): rebuild it with the bundle's commands")
+    return data, cfg, manifest
 
 
 def run_comparison(bundle_dir: Path, test_dir: Path, work_dir: Path, cloud_config: CloudConfig | None = None) -> dict[str, Any]:
@@ -70,14 +84,9 @@ def run_comparison(bundle_dir: Path, test_dir: Path, work_dir: Path, cloud_confi
     ``test_dir`` (the real test split). Checkpoints and the ablation bundle go under ``work_dir``."""
     import ray
 
-    data_dirs, cfg, manifest = bundle_training(bundle_dir)
-    labels = tuple(manifest["labels"])
     started = time.monotonic()
-    data = prepare_data(data_dirs, cfg)
-    if data.dataset.data_sha256 != manifest["training"].get("data_sha256"):
-        raise CompareError(f"{', '.join(map(str, data_dirs))}: not the data {manifest['model_version']} was trained on "
-                           f"(sha256 {data.dataset.data_sha256[:16]}, the manifest says "
-                           f"{str(manifest['training'].get('data_sha256'))[:16]}): rebuild it with the bundle's commands")
+    data, cfg, manifest = bundle_data(bundle_dir)
+    data_dirs, labels = data.data_dirs, tuple(manifest["labels"])
     if data.dataset.labels != labels:
         raise CompareError(f"the data's labels {data.dataset.labels} are not the bundle's {labels}")
     work_dir = Path(work_dir)
