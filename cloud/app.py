@@ -32,7 +32,7 @@ from ray import serve
 
 from cloud import exposition, sse
 from cloud.classify import MAX_UPLOAD_BYTES, ClipClassifier, ClipError, upload_bytes
-from cloud.ingest import Ingest, label_policies
+from cloud.ingest import Ingest, ingest_readiness, label_policies
 from cloud.models import Classifier, CodeLM
 from cloud.schemas import (
     STREAM_ID_RE,
@@ -107,12 +107,14 @@ class Api:
             raise HTTPException(status_code=503, detail={"status": "mqtt disconnected", **stats})
         return {"status": "ok", **stats}
 
-    @api.get("/readyz", summary="Ready to serve: MQTT connected, Redis answers, both models answer",
+    @api.get("/readyz", summary="Ready to serve: MQTT connected, ingest rounds finishing, Redis answers, both models answer",
              response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
     async def readyz(self):
-        async def mqtt() -> dict:
+        async def mqtt_and_ingest() -> dict:
             stats = await self.ingest.stats.remote()
-            return {"mqtt": True if stats["mqtt_connected"] else "ingest not connected to the broker"}
+            ready, notes = ingest_readiness(stats, self.config)
+            warnings.extend(notes)
+            return {"mqtt": True if stats["mqtt_connected"] else "ingest not connected to the broker", "ingest": ready}
 
         async def redis() -> dict:
             await asyncio.to_thread(self.store.ping)
@@ -122,8 +124,8 @@ class Api:
             return {"redis": True}
 
         warnings: list[str] = []
-        names = (("mqtt",), ("redis",), ("code_lm", "classifier"))
-        checks = (mqtt(), redis(), self.clips.probe())
+        names = (("mqtt", "ingest"), ("redis",), ("code_lm", "classifier"))
+        checks = (mqtt_and_ingest(), redis(), self.clips.probe())
         results = await asyncio.gather(*(asyncio.wait_for(c, READY_TIMEOUT_S) for c in checks),
                                        return_exceptions=True)
         outcome: dict[str, bool | str] = {}

@@ -38,6 +38,9 @@ GAUGE_HELP: dict[str, str] = {
     "queued": "MQTT messages waiting in the ingest queues",
     "mqtt_connected": "1 when the ingest is connected and subscribed to the broker",
     "workers_alive": "ingest worker threads alive",
+    "redis_reachable": "1 when the ingest replica reached Redis for this scrape",
+    "lag_seconds": "capture-to-classification seconds of the slowest frame of the replica's latest round (0 when idle): grows while frames wait in the broker",
+    "stuck_seconds": "seconds the replica's oldest unfinished round has run (retrying while Redis is away); 0 when none",
 }
 
 HISTOGRAMS: dict[str, tuple[str, dict[str, str], str]] = {

@@ -59,6 +59,52 @@ SWEEP_S = 1.0  # how often a replica looks for work a dead replica left behind
 REDIS_RETRY_S = 1.0  # wait before running a round again after a Redis error
 
 
+LAG_FRESH_S = 5.0  # an idle worker whose last round ended longer ago than this has no lag
+
+
+@dataclasses.dataclass
+class WorkerProgress:
+    """How far one worker thread has got: for the lag gauge and /readyz's stuck check.
+
+    ``lag_s`` is capture-to-classification time of the slowest frame of its last round: in
+    real time a fraction of a second; when the fleet outruns the models the frames wait (in
+    the broker's session, unacknowledged) and it grows; it falls back by itself once the
+    backlog is worked off. An idle worker (empty queue, nothing for ``LAG_FRESH_S``) has none."""
+
+    busy_since: float | None = None  # monotonic start of the round in progress; None while it waits
+    done_at: float = 0.0  # monotonic end of its last round
+    lag_s: float = 0.0
+
+    def started(self) -> None:
+        self.busy_since = time.monotonic()
+
+    def finished(self, lag_s: float) -> None:
+        self.busy_since, self.done_at, self.lag_s = None, time.monotonic(), lag_s
+
+    def lag(self, queued: int) -> float:
+        idle = self.busy_since is None and not queued and time.monotonic() - self.done_at > LAG_FRESH_S
+        return 0.0 if idle else self.lag_s
+
+    def stuck_s(self) -> float:
+        """How long its round in progress has run (retrying while Redis is away); 0 if none."""
+        started = self.busy_since
+        return 0.0 if started is None else time.monotonic() - started
+
+
+def ingest_readiness(stats: dict, config: CloudConfig) -> tuple[bool | str, list[str]]:
+    """/readyz's ingest check from one replica's ``stats``: (True or why not, warnings)."""
+    warnings = []
+    if stats["lag_seconds"] > config.ingest_lag_warn_s:
+        warnings.append(f"ingest lag {stats['lag_seconds']:.1f} s: frames are classified that long after capture "
+                        "(the fleet outruns the models, or a device replays its spool); they wait, none is lost")
+    if stats["stuck_seconds"] > config.ingest_stuck_after_s:
+        return (f"an ingest round has not finished for {stats['stuck_seconds']:.0f} s "
+                f"({stats['queued']} messages waiting, {stats['redis_errors']} Redis errors)"), warnings
+    if stats["workers_alive"] < config.ingest_workers:
+        return f"{config.ingest_workers - stats['workers_alive']} ingest worker threads died", warnings
+    return True, warnings
+
+
 @serve.deployment(num_replicas=1)
 class Ingest:
     def __init__(self, config: CloudConfig, bundle_dir: str, code_lm, classifier):
@@ -97,9 +143,10 @@ class Ingest:
             log.warning("%s", persistence_warning(self.redis_persistence))
         per_worker = max(1, config.ingest_queue // config.ingest_workers)
         self.queues = [queue.Queue(maxsize=per_worker) for _ in range(config.ingest_workers)]
+        self.progress = [WorkerProgress() for _ in self.queues]
         self.workers = [
-            threading.Thread(target=self._work, args=(q,), name=f"ingest-{i}", daemon=True)
-            for i, q in enumerate(self.queues)
+            threading.Thread(target=self._work, args=(q, p), name=f"ingest-{i}", daemon=True)
+            for i, (q, p) in enumerate(zip(self.queues, self.progress, strict=True))
         ]
         for w in self.workers:
             w.start()
@@ -158,14 +205,17 @@ class Ingest:
         target.put(item)  # blocks when full: backpressure onto the broker
 
     # --- workers ---------------------------------------------------------------
-    def _work(self, q: queue.Queue) -> None:
+    def _work(self, q: queue.Queue, progress: WorkerProgress) -> None:
         held: dict[DeviceKey, Lease] = {}  # devices this worker is draining
         while True:
             batch = self._take(q, wait=not held)
+            progress.started()
             while True:
                 try:
-                    self.pipeline.run(batch, held)
+                    record = self.pipeline.run(batch, held)
                     acknowledge([item.ack for item in batch if isinstance(item, Inbound)])
+                    # a round that classified nothing (a drain, statuses) says nothing about lag
+                    progress.finished(max(record.latencies_ms) / 1e3 if record.latencies_ms else progress.lag_s)
                     break
                 except redis.RedisError as exc:  # Redis restarting: the same round again, nothing dropped
                     self.redis_errors += 1
@@ -177,6 +227,7 @@ class Ingest:
                     self.pipeline.dead_letter_round(batch)
                     acknowledge([item.ack for item in batch if isinstance(item, Inbound)])
                     held.clear()  # the leases expire; the sweeper hands their work out again
+                    progress.finished(progress.lag_s)
                     break
 
     def _take(self, q: queue.Queue, wait: bool) -> list:
@@ -229,10 +280,18 @@ class Ingest:
 
     # --- health ------------------------------------------------------------------
     def stats(self) -> dict:
+        """The replica's state; answers with Redis away too (its counters are then empty), so
+        /healthz and /readyz can say what is wrong instead of failing themselves."""
+        try:
+            metrics, redis_reachable = self.store.metrics(), True
+        except redis.RedisError:
+            metrics, redis_reachable = {}, False
         return {
             "mqtt_connected": self.connected.is_set(),
             "workers_alive": sum(w.is_alive() for w in self.workers),
             "queued": sum(q.qsize() for q in self.queues),
+            "lag_seconds": round(max(p.lag(q.qsize()) for p, q in zip(self.progress, self.queues, strict=True)), 3),
+            "stuck_seconds": round(max(p.stuck_s() for p in self.progress), 3),
             "redis_errors": self.redis_errors,
             "callback_errors": self.callback_guard.errors,
             "manual_ack": self.slot is not None,
@@ -241,7 +300,8 @@ class Ingest:
             "mqtt_client_id": self.client_id,
             "redis_persistence": self.redis_persistence,
             "replica": self.replica,
-            "metrics": self.store.metrics(),
+            "redis_reachable": redis_reachable,
+            "metrics": metrics,
         }
 
     def check_health(self) -> None:

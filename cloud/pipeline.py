@@ -139,8 +139,9 @@ class Pipeline:
         self.window = manifest["classifier_config"]["window_frames"]
         self.context = manifest["code_lm_config"]["context_frames"]
 
-    def run(self, inbound: list[Inbound | Drain], held: dict[DeviceKey, Lease]) -> None:
-        """One round over ``inbound``; ``held`` (this worker's leases) is updated in place."""
+    def run(self, inbound: list[Inbound | Drain], held: dict[DeviceKey, Lease]) -> RoundRecord:
+        """One round over ``inbound``; ``held`` (this worker's leases) is updated in place.
+        Returns what the round counted and measured (already written to Redis)."""
         record = RoundRecord(len(inbound))
         decoded = self._decode(inbound, record)
         ready = self._accept(decoded, record) | decoded.drains
@@ -166,6 +167,7 @@ class Pipeline:
                     del held[(lease.site, lease.device)]
         record.lap("release")
         record.flush(self.store)
+        return record
 
     # --- 1-2: decode and accept --------------------------------------------------------
     def _decode(self, inbound: list[Inbound | Drain], record: RoundRecord) -> Decoded:

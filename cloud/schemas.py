@@ -85,8 +85,8 @@ class Readiness(BaseModel):
 
     status: str = Field(description='"ready" or "not ready"')
     reason: str = Field("", description="why not ready: every failed check, separated by '; '")
-    checks: dict[str, bool] = Field(description="mqtt, redis, code_lm, classifier: did each check pass")
-    warnings: list[str] = Field(default_factory=list, description="ready, but at risk: e.g. Redis runs without persistence")
+    checks: dict[str, bool] = Field(description="mqtt, ingest (rounds finishing, workers alive), redis, code_lm, classifier: did each check pass")
+    warnings: list[str] = Field(default_factory=list, description="ready, but at risk: Redis runs without persistence, or the ingest lags behind capture")
 
 
 class Device(BaseModel):

@@ -8,7 +8,8 @@ reconnect and after a restart. When the spool is full the oldest go first, and a
 On disk, a segment log as in Kafka::
 
     <dir>/<first_seq:010d>.seg   append-only segments of at most ``segment_bytes``
-    <dir>/state.json             {"acked": W, "dropped": N, "next_seq": S}, replaced atomically
+    <dir>/state.json             {"acked": W, "dropped": N, "next_seq": S, "reserved_seq": R,
+                                  "boot_id": B}, replaced atomically
 
 A record is a ``<III`` header (payload length, seq, crc32 of the payload) and the payload
 (:mod:`edge.spool_recovery`). Seqs strictly increase through the log and may have gaps (an
@@ -32,6 +33,12 @@ every ``STATE_WRITE_INTERVAL_S`` when acks moved it, and on flush/close: acks no
 persisted when the process dies are replayed after the restart, which is safe because the
 cloud drops repeated seqs. Opening a spool recovers it (:func:`edge.spool_recovery.recover`):
 a segment is cut at its first torn or corrupt record, and what was lost is counted.
+
+A seq is never handed out twice, even across a power cut that took records the broker had
+already acknowledged: before an append passes ``reserved_seq``, the spool reserves the next
+``SEQ_RESERVATION`` seqs in state.json (fsynced), and recovery after a reboot starts past the
+reservation (:mod:`edge.spool_recovery`). That costs one state write per ``SEQ_RESERVATION``
+appends, and at most that many skipped seqs after a power cut.
 """
 
 from __future__ import annotations
@@ -46,13 +53,17 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.spool_recovery import HEADER, STATE_FILE, Segment, read_record, recover, unlink_logged
+from edge.spool_recovery import HEADER, STATE_FILE, Segment, boot_id, read_record, recover, unlink_logged
 
 log = logging.getLogger(__name__)
 
 MAX_SEQ = 0xFFFFFFFF
 FSYNC_POLICIES = ("always", "interval", "never")
 STATE_WRITE_INTERVAL_S = 0.5  # acks arrive ~1/s; losing the last few only causes replays
+# Seqs reserved per state write: after a power cut at most this many are skipped. Below the
+# cloud's seq-jump bound (64 + the messages the elapsed time explains, cloud/device_log.py),
+# so the first message after the reboot is never refused as a forged jump.
+SEQ_RESERVATION = 32
 
 
 class SpoolCorruptError(RuntimeError):
@@ -70,6 +81,7 @@ class SpoolStats:
     write_errors: int  # appends that hit an OSError (this process); the lost ones are in dropped
     appended: int  # records appended (this process)
     next_seq: int | None  # last appended seq + 1, or None if the spool never held a record
+    skipped_seqs: int = 0  # seqs given up at recovery after a reboot without a clean close (this process)
 
 
 class Spool:
@@ -94,7 +106,9 @@ class Spool:
         self._watermark = -1
         self._acks_above: set[int] = set()  # acked seqs above the watermark
         self._next_seq: int | None = None
-        self._dropped = self._torn = self._write_errors = self._appended = 0
+        self._reserved: int | None = None  # seqs below it may be in use (persisted before use)
+        self._boot_id = boot_id()
+        self._dropped = self._torn = self._write_errors = self._appended = self._skipped_seqs = 0
         self._state_dirty = self._data_dirty = self._dir_dirty = False
         self._last_state_write = self._last_fsync = time.monotonic()
         self._reader: tuple[Segment, int, int] | None = None  # (segment, offset, next seq)
@@ -122,6 +136,8 @@ class Spool:
                 raise ValueError(f"seq {seq} is not greater than the last appended "
                                  f"({self._next_seq - 1})")
             self._next_seq = seq + 1
+            if self._reserved is None or self._next_seq > self._reserved:
+                self._reserve(self._next_seq + SEQ_RESERVATION)
             kept = self._append_with_retry(seq, record)
             if kept:
                 self._appended += 1
@@ -185,7 +201,8 @@ class Spool:
             depth = sum(s.count for s in self._segments) - acked - len(self._acks_above)
             return SpoolStats(depth=depth, bytes=self._total_bytes, dropped=self._dropped,
                               torn=self._torn, write_errors=self._write_errors,
-                              appended=self._appended, next_seq=self._next_seq)
+                              appended=self._appended, next_seq=self._next_seq,
+                              skipped_seqs=self._skipped_seqs)
 
     def flush(self) -> None:
         """fsync the data (whatever the policy) and persist the watermark, now."""
@@ -198,6 +215,7 @@ class Spool:
         with self._lock:
             if self._closed:
                 return
+            self._reserved = self._next_seq  # a clean close: the next start needs skip nothing
             self._persist()
             self._delete_acked_segments(include_active=True)
             self._close_active()
@@ -381,7 +399,8 @@ class Spool:
         """Replace state.json if it changed; False if that failed (logged, never raised)."""
         if not self._state_dirty:
             return True
-        state = {"acked": self._watermark, "dropped": self._dropped, "next_seq": self._next_seq}
+        state = {"acked": self._watermark, "dropped": self._dropped, "next_seq": self._next_seq,
+                 "reserved_seq": self._reserved, "boot_id": self._boot_id}
         tmp = self.directory / (STATE_FILE + ".tmp")
         durable = force_fsync or self.fsync != "never"
         try:
@@ -399,6 +418,13 @@ class Spool:
         self._state_dirty = False
         self._last_state_write = time.monotonic()
         return True
+
+    def _reserve(self, bound: int) -> None:
+        """Persist (fsynced) that every seq below ``bound`` may be in use, before any is."""
+        self._reserved = bound
+        self._state_dirty = True
+        if not self._write_state(force_fsync=True):  # logged; a power cut now could reuse seqs
+            self._reserved = None  # try again on the next append
 
     def _close_active(self) -> None:
         if self._active_fd is not None:
@@ -420,6 +446,7 @@ class Spool:
         self._segments, self._total_bytes = found.segments, found.total_bytes
         self._watermark, self._dropped, self._torn = found.watermark, found.dropped, found.torn
         self._next_seq = found.next_seq
+        self._reserved, self._skipped_seqs = found.next_seq, found.skipped_seqs
         self._state_dirty = True
         self._write_state()
         self._delete_acked_segments(include_active=True)

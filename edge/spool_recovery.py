@@ -10,6 +10,17 @@ corrupt state.json means "replay everything". Recovery cuts a segment at its fir
 corrupt record (short, bad CRC, seq out of order): that record counts as ``torn``, the
 records after it in that segment as ``dropped`` (estimated from the seq gap to the next
 segment or to the persisted next_seq, as seqs are consecutive in normal operation).
+
+Seqs are never reused, even after a power cut. A seq that was published may be in the
+cloud already although its record never reached the disk (appends are fsynced every
+``fsync_interval_s`` at most): taking the next seq from what survived on disk would reuse
+it, and the cloud would drop the new frame as a duplicate. So the spool persists (fsynced)
+a *reservation* ``reserved_seq`` ahead of every seq it hands out, with the kernel's boot id.
+Recovery in the same boot (the process died, the page cache did not: every appended record
+is on disk) takes the exact next seq; after a reboot it starts at the reservation instead,
+unless the spool was closed cleanly (``close`` gives the reservation back). The seqs in
+between are skipped: the cloud counts them as lost, which the ones cut off by the power
+cut are.
 """
 
 from __future__ import annotations
@@ -57,11 +68,23 @@ class Recovered:
     dropped: int  # records dropped ever, including those lost behind a corrupt one
     torn: int  # torn or corrupt records truncated now
     next_seq: int | None  # the seq the next append must exceed; None if the spool never held one
+    skipped_seqs: int = 0  # seqs given up after a reboot without a clean close (never reused)
+
+
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux); None where the kernel does not say."""
+    try:
+        return BOOT_ID_FILE.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def recover(directory: Path) -> Recovered:
     """Check every segment in ``directory`` and truncate it at its first bad record."""
-    watermark, dropped, persisted_next = _load_state(directory)
+    watermark, dropped, persisted_next, reserved, persisted_boot = _load_state(directory)
     found = []
     for path in directory.iterdir():
         if path.suffix == ".seg" and path.stem.isdigit() and path.is_file():
@@ -91,6 +114,13 @@ def recover(directory: Path) -> Recovered:
         previous_seq = segment.last_seq
     if result.segments:
         result.next_seq = max(result.segments[-1].last_seq + 1, persisted_next or 0)
+    same_boot = persisted_boot is not None and persisted_boot == boot_id()
+    if reserved is not None and not same_boot and reserved > (result.next_seq or 0):
+        result.skipped_seqs = reserved - (result.next_seq or 0)
+        log.warning("spool: the machine restarted without closing the spool (a power cut?): seqs %d..%d "
+                    "may have been published without reaching the disk; continuing at %d so none is reused",
+                    result.next_seq or 0, reserved - 1, reserved)
+        result.next_seq = reserved
     return result
 
 
@@ -114,20 +144,23 @@ def unlink_logged(path: Path) -> None:
         log.error("cannot delete %s: %s", path, exc)
 
 
-def _load_state(directory: Path) -> tuple[int, int, int | None]:
-    """(watermark, dropped, next_seq) from state.json; (-1, 0, None) if it is missing or bad."""
+def _load_state(directory: Path) -> tuple[int, int, int | None, int | None, str | None]:
+    """(watermark, dropped, next_seq, reserved_seq, boot_id) from state.json; (-1, 0, None,
+    None, None) if it is missing or bad. A state file from before reservations has neither."""
     path = directory / STATE_FILE
     if not path.exists():
-        return -1, 0, None
+        return -1, 0, None, None, None
     try:
         state = json.loads(path.read_text())
         acked, dropped, next_seq = state["acked"], state["dropped"], state.get("next_seq")
-        if not all(isinstance(v, int) for v in (acked, dropped, next_seq or 0)):
+        reserved, boot = state.get("reserved_seq"), state.get("boot_id")
+        if not all(isinstance(v, int) for v in (acked, dropped, next_seq or 0, reserved or 0)) \
+                or not isinstance(boot, str | None):
             raise ValueError(f"unexpected types in {state!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("corrupt %s (%s): replaying everything on disk", path, exc)
-        return -1, 0, None
-    return acked, dropped, next_seq
+        return -1, 0, None, None, None
+    return acked, dropped, next_seq, reserved, boot
 
 
 def _count_lost_after(segment: Segment, bound: int | None, watermark: int) -> int:

@@ -112,6 +112,8 @@ class CloudConfig:
     ingest_workers: int = field(default=2, metadata={"doc": "threads processing frames in each ingest replica (devices are pinned to one); each works in rounds of everything waiting in its queue, so two keep a model request in flight while the other round does Redis (on 2 cores, 2 beat 1 and 4 in bench cloud)"})
     ingest_batch_size: int = field(default=256, metadata={"doc": "most messages one ingest worker takes per round (one Redis round trip per step and one model request for all of them); 1 turns the ingest's batching off"})
     ingest_queue: int = field(default=10_000, metadata={"doc": "bounded ingest queue length, in messages (backpressure beyond it)"})
+    ingest_stuck_after_s: float = field(default=30.0, metadata={"doc": "/readyz fails when an ingest round has not finished for this long (Redis away, a model not answering): the work is waiting, not lost"})
+    ingest_lag_warn_s: float = field(default=10.0, metadata={"doc": "/readyz warns when frames are classified this long after capture (soundfleet_ingest_lag_seconds): the fleet outruns the cloud, or a device replays its spool"})
     model_max_replicas: int = field(default=1, metadata={"doc": "replicas per model deployment: 1 = fixed; more = Serve autoscaling between 1 and this (on GPUs or many cores)"})
     max_batch_size: int = field(default=32, metadata={"doc": "Serve dynamic batching: most requests (each with a round's windows) merged into one model call"})
     batch_wait_timeout_s: float = field(default=0.0, metadata={"doc": "Serve dynamic batching: longest wait to fill a batch, in seconds (0: merge only the requests already waiting; the ingest's rounds are batches already)"})
@@ -126,6 +128,8 @@ class CloudConfig:
         if (self.min_windows is not None and self.min_windows < 1) or self.ingest_workers < 1 \
                 or self.ingest_queue < 1 or self.ingest_batch_size < 1:
             raise ConfigError("cloud.min_windows, ingest_workers, ingest_queue and ingest_batch_size must be >= 1")
+        if not (self.ingest_stuck_after_s > 0 and self.ingest_lag_warn_s > 0):
+            raise ConfigError("cloud.ingest_stuck_after_s and ingest_lag_warn_s must be > 0")
 
 
 @dataclass

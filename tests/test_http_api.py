@@ -174,13 +174,14 @@ def test_readyz_is_200_when_mqtt_redis_and_both_models_answer(cloud_app):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ready" and body["reason"] == ""
-    assert body["checks"] == {"mqtt": True, "redis": True, "code_lm": True, "classifier": True}
+    assert body["checks"] == {"mqtt": True, "ingest": True, "redis": True, "code_lm": True, "classifier": True}
     # ready, but it says so when the session's Redis would lose the devices' state on a restart
     # (the machine's Redis runs with --save "" --appendonly no)
     from cloud.store import persistence_warning
 
     persistence = cloud_app.store.persistence()
-    assert body["warnings"] == ([persistence_warning(persistence)] if persistence in ("none", "rdb") else [])
+    redis_warnings = [w for w in body["warnings"] if not w.startswith("ingest lag")]  # other tests' replays may lag
+    assert redis_warnings == ([persistence_warning(persistence)] if persistence in ("none", "rdb") else [])
 
 
 def test_openapi_lists_every_route_with_a_summary_and_documented_parameters(cloud_app):

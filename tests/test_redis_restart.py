@@ -38,13 +38,14 @@ def test_frames_wait_out_a_redis_restart_and_are_processed_once_in_order(cloud_a
     from ray import serve
 
     from cloud.app import build_app
+    from cloud.ingest import ingest_readiness
     from cloud.mqtt_session import forget_sessions
     from cloud.store import CloudStore
     from soundfleet.config import CloudConfig
 
     redis = own_redis
     config = CloudConfig(broker_url=mqtt_url, redis_url=redis.url, key_prefix="test:restart:",
-                         ha_discovery_prefix="")
+                         ha_discovery_prefix="", ingest_stuck_after_s=2.0)
     app = f"sf-redis-restart-{uuid.uuid4().hex[:6]}"
     serve.run(build_app(config), name=app, route_prefix=f"/{app}")
     store = CloudStore(redis.url, config.key_prefix)
@@ -69,6 +70,11 @@ def test_frames_wait_out_a_redis_restart_and_are_processed_once_in_order(cloud_a
         redis.stop()
         send(range(DOWN_AFTER, MESSAGES))  # received by the ingest while Redis is away
         time.sleep(DOWN_S)
+        ingest = serve.get_deployment_handle("Ingest", app_name=app)
+        stalled = ingest.stats.remote().result()  # answers: the stats need no Redis
+        ready, _ = ingest_readiness(stalled, config)  # what /readyz says about the ingest now
+        assert stalled["stuck_seconds"] > config.ingest_stuck_after_s, stalled
+        assert isinstance(ready, str) and "has not finished" in ready and "Redis errors" in ready
         redis.start()
 
         deadline = time.monotonic() + 60
@@ -82,9 +88,11 @@ def test_frames_wait_out_a_redis_restart_and_are_processed_once_in_order(cloud_a
             context = np.frombuffer(store.r.get(store.key("ctx", site, f"dev{d}")), "<u2")
             np.testing.assert_array_equal(context, expected)  # each frame once, in seq order
             assert int(store.r.hget(dev, "lost") or 0) == 0
-        stats = serve.get_deployment_handle("Ingest", app_name=app).stats.remote().result()
+        stats = ingest.stats.remote().result()
         assert stats["redis_errors"] >= 1, "the ingest never noticed Redis was away"
         assert stats["workers_alive"] == config.ingest_workers
+        assert stats["stuck_seconds"] == 0 and ingest_readiness(stats, config)[0] is True
+        assert stats["lag_seconds"] >= DOWN_S / 2  # the backlog's frames waited out the outage
     finally:
         serve.delete(app)
         forget_sessions(config)

@@ -163,6 +163,60 @@ def test_sigkill_loses_nothing_unacked_and_acked_before_flush_stay_acked(tmp_pat
     spool.close()
 
 
+def _reboot(monkeypatch, tmp_path: Path) -> None:
+    """From here on the spool sees another boot of the machine (the kernel's boot id)."""
+    import edge.spool_recovery
+
+    boot_file = tmp_path.parent / f"{tmp_path.name}-boot_id"
+    boot_file.write_text("a-later-boot\n")
+    monkeypatch.setattr(edge.spool_recovery, "BOOT_ID_FILE", boot_file)
+
+
+def test_a_power_cut_never_makes_the_spool_hand_out_a_published_seq_again(tmp_path, monkeypatch):
+    """Records appended (and published) after the last data fsync die with the page cache in a
+    power cut. The seqs they used must not be handed out again: the cloud already has some of
+    them and would drop the new frames as duplicates. Before the reservation, state.json did not
+    move on append, so the spool restarted at seq 2 here and reused 2..10."""
+    child = run_child("""
+        import os, signal
+        from edge.spool import Spool
+        spool = Spool(directory, max_bytes=1 << 20, segment_bytes=4096, fsync="interval", fsync_interval_s=3600)
+        for seq in range(1, 11):  # published at once by the sender; none of it fsynced yet
+            assert spool.append(seq, (f"seq={seq};".encode() * 100)[:100])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, tmp_path)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["reserved_seq"] > 10  # fsynced before the seqs were used
+    for segment in segment_files(tmp_path):  # the power cut: nothing unsynced reached the disk
+        segment.unlink()
+    _reboot(monkeypatch, tmp_path)
+
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096)
+    stats = spool.stats()
+    assert stats.next_seq == state["reserved_seq"] and stats.next_seq > 10
+    assert stats.skipped_seqs == state["reserved_seq"] - state["next_seq"] <= 32  # within the cloud's jump bound
+    with pytest.raises(ValueError, match="not greater"):
+        spool.append(10, b"reused")
+    assert spool.append(stats.next_seq, payload_for(stats.next_seq))
+    spool.close()
+
+
+def test_a_restart_in_the_same_boot_or_after_a_clean_close_skips_no_seq(tmp_path, monkeypatch):
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096)
+    fill(spool, range(1, 101))  # reservations: a state write every 32 appends, not every append
+    assert json.loads((tmp_path / "state.json").read_text())["reserved_seq"] > 100
+    del spool  # a crash without close(), same boot: the page cache kept every record
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096)
+    assert spool.stats().next_seq == 101 and spool.stats().skipped_seqs == 0
+    spool.close()  # gives the reservation back
+    _reboot(monkeypatch, tmp_path)
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096)
+    assert spool.stats().next_seq == 101 and spool.stats().skipped_seqs == 0
+    assert replay(spool) == list(range(1, 101))
+    spool.close()
+
+
 def test_torn_tail_is_truncated_and_the_segment_takes_appends_again(tmp_path):
     spool = Spool(tmp_path, max_bytes=64 * 1024, segment_bytes=4096)
     fill(spool, range(1, 6))
