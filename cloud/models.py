@@ -8,6 +8,11 @@ window of one round in one request, ``POST /v1/classify`` those of a clip), and
 and replicas, the API) into one forward pass. The windows of each pass go to the
 Redis histogram ``batch_size_<model>`` (one pipelined round trip per pass),
 exported by ``/metrics``.
+
+A request the model cannot take costs only itself: ``@serve.batch`` hands one exception
+to every request of a failed pass, so a failed pass is run again request by request
+(`per_request`) and only the requests that fail alone raise, to their own callers (the
+ingest then dead-letters just that device's frames: `cloud.pipeline`).
 """
 
 from __future__ import annotations
@@ -64,14 +69,19 @@ class CodeLM:
         self.device = _device()
         self.code_lm = code_lm.to(self.device)
         self.window = manifest["classifier_config"]["window_frames"]
-        self.states.set_max_batch_size(max_batch_size)
-        self.states.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._states_batch.set_max_batch_size(max_batch_size)
+        self._states_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("CodeLM ready on %s (model %s)", self.device, manifest["model_version"])
 
+    async def states(self, contexts: list[np.ndarray]) -> np.ndarray:
+        """A list of (T_i,) uint16 contexts -> (n, W, C) float32 states of their last windows."""
+        return _raised(await self._states_batch(contexts))
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def states(self, requests: list[list[np.ndarray]]) -> list[np.ndarray]:
-        """Per request, a list of (T_i,) uint16 contexts -> (n, W, C) float32 states of their
-        last windows."""
+    async def _states_batch(self, requests: list[list[np.ndarray]]) -> list[np.ndarray | Exception]:
+        return per_request(self._states, requests)
+
+    def _states(self, requests: list[list[np.ndarray]]) -> list[np.ndarray]:
         contexts = [torch.as_tensor(c.astype(np.int64), device=self.device) for r in requests for c in r]
         self.batch_sizes.record(len(contexts))
         states = lm_window_states(self.code_lm, contexts, self.window).cpu().numpy()  # (N, W, C)
@@ -90,18 +100,48 @@ class Classifier:
         self.device = _device()
         self.classifier = classifier.to(self.device)
         self.centroids = centroids.to(self.device)
-        self.probs.set_max_batch_size(max_batch_size)
-        self.probs.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._probs_batch.set_max_batch_size(max_batch_size)
+        self._probs_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("Classifier ready on %s (model %s)", self.device, manifest["model_version"])
 
+    async def probs(self, states: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """(n, W, C) states and (n, W) codes of n windows -> (n, L) probabilities."""
+        return _raised(await self._probs_batch(states, codes))
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def probs(self, states: list[np.ndarray], codes: list[np.ndarray]) -> list[np.ndarray]:
-        """Per request, (n, W, C) states and (n, W) codes of n windows -> (n, L) probabilities."""
+    async def _probs_batch(self, states: list[np.ndarray], codes: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        return per_request(self._probs, states, codes)
+
+    def _probs(self, states: list[np.ndarray], codes: list[np.ndarray]) -> list[np.ndarray]:
         s = torch.as_tensor(np.concatenate(states), device=self.device)  # (N, W, C)
         c = torch.as_tensor(np.concatenate(codes).astype(np.int64), device=self.device)  # (N, W)
         self.batch_sizes.record(len(s))
         probs = classify_windows(self.classifier, self.centroids, s, c).cpu().numpy()  # (N, L)
         return _split(probs, [len(x) for x in states])
+
+
+def per_request(compute, *columns: list) -> list:
+    """``compute`` over a whole batch (one list per argument, an item per request); if that
+    raises, over each request alone, so that only the requests the model cannot take fail:
+    their slots hold the exception, which ``_raised`` raises to that request's caller."""
+    try:
+        return compute(*columns)
+    except Exception as exc:
+        log.warning("a batch of %d requests failed (%s: %s); running them one by one",
+                    len(columns[0]), type(exc).__name__, exc)
+    results: list = []
+    for request in zip(*columns, strict=True):
+        try:
+            results += compute(*([item] for item in request))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _raised(result: np.ndarray | Exception) -> np.ndarray:
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _split(batch: np.ndarray, sizes: list[int]) -> list[np.ndarray]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ray.exceptions import RayTaskError
 
 from cloud import events as event_logic
 from cloud.archive import ArchiveWriter
@@ -52,6 +53,7 @@ from shared_models.wire import (
     StatusMessage,
     WireError,
     events_topic,
+    frames_topic,
     parse_device_topic,
 )
 
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 PEEK_ITEMS = 16  # work items per held device and round (a backlog drains over several rounds)
 WINDOWS_PER_REQUEST = 256  # windows per model request; a round's requests go out together
 MODEL_RETRY_S = 0.5  # wait before retrying a failed model call (Serve is restarting a replica)
+MODEL_ATTEMPTS = 3  # calls a round's windows get when the model code raises on them, before device by device
 CLOSE_WAIT_S = 10.0  # how long an offline status waits for a device another worker is draining
 
 DeviceKey = tuple[str, str]  # (site, device)
@@ -237,8 +240,9 @@ class Pipeline:
         windows: list[np.ndarray] = []  # (T,) contexts whose last window gets classified
         slots: list[list[int]] = []  # per peek, per item: its index in windows, or -1 (no full window yet)
         contexts: list[np.ndarray] = []  # per peek: the context after its last item
+        spans: list[tuple[int, int]] = []  # per peek: its windows, windows[start:end]
         for peek in peeks:
-            context, item_slots = peek.context, []
+            context, item_slots, start = peek.context, [], len(windows)
             for item in peek.items:
                 context = np.concatenate([context, item.codes])[-self.context :]  # (T,) codes, oldest first
                 if len(context) >= self.window:
@@ -248,7 +252,11 @@ class Pipeline:
                     item_slots.append(-1)
             slots.append(item_slots)
             contexts.append(context)
-        probs = self._classify(windows, record)  # (N, L)
+            spans.append((start, len(windows)))
+        probs, refused = self._classify(windows, spans, record)  # (N, L)
+        for k, reason in refused.items():  # the models fail on this device's frames alone: set them aside
+            slots[k] = [-1] * len(slots[k])  # committed as processed, no event logic on them
+            self._dead_letter_items(peeks[k], reason)
         record.lap("models")
         commits, events = [], []
         for peek, item_slots, context in zip(peeks, slots, contexts, strict=True):
@@ -291,25 +299,76 @@ class Pipeline:
                     closed_events.append(self._event(peek.lease.site, peek.lease.device, label, closed))
         return {label: s.to_dict() for label, s in states.items()}, closed_events
 
-    def _classify(self, windows: list[np.ndarray], record: RoundRecord) -> np.ndarray:
-        """(N, L) label probabilities of each context's last window; retried until the models
-        answer (a dead model replica is restarted by Serve; the items wait at their heads)."""
+    def _classify(self, windows: list[np.ndarray], spans: list[tuple[int, int]],
+                  record: RoundRecord) -> tuple[np.ndarray, dict[int, str]]:
+        """(N, L) label probabilities of each context's last window, and the devices (indices
+        into ``spans``) whose windows the models refused, with the reason.
+
+        A model that is away (a dead replica Serve restarts, an overloaded router) is waited
+        for: the items wait at their heads. A model whose code raises on the input
+        (``RayTaskError``) gets ``MODEL_ATTEMPTS`` calls; then each device's windows go alone,
+        and a device the models still refuse is returned, so the round goes on without it."""
         if not windows:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return np.zeros((0, len(self.labels)), dtype=np.float32), {}
+        refusals = 0
         while True:
             try:
-                responses = []
-                for i in range(0, len(windows), WINDOWS_PER_REQUEST):
-                    chunk = windows[i : i + WINDOWS_PER_REQUEST]
-                    states = self.code_lm.states.remote(chunk)  # chained: never comes back here
-                    codes = np.stack([c[-self.window :] for c in chunk])  # (n, W)
-                    responses.append(self.classifier.probs.remote(states, codes))
-                return np.concatenate([r.result() for r in responses])  # (N, L)
+                return self._call_models(windows), {}
+            except RayTaskError as exc:
+                refusals += 1
+                if refusals >= MODEL_ATTEMPTS:
+                    log.warning("the models refused a round of %d windows %d times (%s); trying device by device",
+                                len(windows), refusals, _cause(exc))
+                    return self._classify_each(windows, spans, record)
+                self._model_retry(exc, len(windows), record)
             except Exception as exc:  # RayActorError, a replica being replaced, ...
-                record.counts["model_retries"] += 1
-                log.warning("model call for %d windows failed (%s: %s); retrying in %.1f s", len(windows),
-                            type(exc).__name__, exc, MODEL_RETRY_S)
-                time.sleep(MODEL_RETRY_S)
+                self._model_retry(exc, len(windows), record)
+
+    def _classify_each(self, windows: list[np.ndarray], spans: list[tuple[int, int]],
+                       record: RoundRecord) -> tuple[np.ndarray, dict[int, str]]:
+        probs = np.zeros((len(windows), len(self.labels)), dtype=np.float32)  # (N, L)
+        refused: dict[int, str] = {}
+        for k, (start, end) in enumerate(spans):
+            refusals = 0
+            while start < end:
+                try:
+                    probs[start:end] = self._call_models(windows[start:end])
+                    break
+                except RayTaskError as exc:  # alone, again and again: its own input is the cause
+                    refusals += 1
+                    if refusals >= MODEL_ATTEMPTS:
+                        refused[k] = _cause(exc)
+                        break
+                    self._model_retry(exc, end - start, record)
+                except Exception as exc:
+                    self._model_retry(exc, end - start, record)
+        return probs, refused
+
+    def _call_models(self, windows: list[np.ndarray]) -> np.ndarray:
+        responses = []
+        for i in range(0, len(windows), WINDOWS_PER_REQUEST):
+            chunk = windows[i : i + WINDOWS_PER_REQUEST]
+            states = self.code_lm.states.remote(chunk)  # chained: never comes back here
+            codes = np.stack([c[-self.window :] for c in chunk])  # (n, W)
+            responses.append(self.classifier.probs.remote(states, codes))
+        return np.concatenate([r.result() for r in responses])  # (N, L)
+
+    @staticmethod
+    def _model_retry(exc: Exception, n_windows: int, record: RoundRecord) -> None:
+        record.counts["model_retries"] += 1
+        log.warning("model call for %d windows failed (%s); retrying in %.1f s", n_windows, _cause(exc),
+                    MODEL_RETRY_S)
+        time.sleep(MODEL_RETRY_S)
+
+    def _dead_letter_items(self, peek: Peek, reason: str) -> None:
+        """A device's work items the models refuse: to the dead-letter stream (as device-log
+        items: seq, capture end, receipt, codes; `WorkItem.from_bytes`), counted as model_error."""
+        lease = peek.lease
+        log.error("%s/%s: the models refuse seq %d..%d (%s): dead-lettered, processed without events",
+                  lease.site, lease.device, peek.items[0].seq, peek.items[-1].seq, reason)
+        for item in peek.items:
+            self.store.dead_letter("model_error", frames_topic(lease.site, lease.device), item.to_bytes(),
+                                   detail=f"seq {item.seq}: {reason}")
 
     # --- 7: statuses ----------------------------------------------------------------------
     def _status(self, site: str, device: str, status: StatusMessage | None, held: dict[DeviceKey, Lease],
@@ -385,3 +444,10 @@ class Pipeline:
         for item in inbound:
             if isinstance(item, Inbound):
                 self.store.dead_letter(reason, item.topic, item.payload)
+
+
+def _cause(exc: Exception) -> str:
+    """``Type: message`` of what went wrong (for a ``RayTaskError``, of the exception the
+    deployment raised), at most 300 characters."""
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {cause}"[:300]
