@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ray.exceptions import RayTaskError
 
 from cloud import events as event_logic
 from cloud.archive import ArchiveWriter
 from cloud.device_log import Commit, DeviceLog, Lease, Peek, WorkItem
 from cloud.homeassistant import DiscoveryPublisher
+from cloud.model_calls import ModelCalls
 from cloud.store import CloudStore
 from shared_models.constants import FRAME_DURATION_NS
 from shared_models.wire import (
@@ -60,9 +60,6 @@ from shared_models.wire import (
 log = logging.getLogger(__name__)
 
 PEEK_ITEMS = 16  # work items per held device and round (a backlog drains over several rounds)
-WINDOWS_PER_REQUEST = 256  # windows per model request; a round's requests go out together
-MODEL_RETRY_S = 0.5  # wait before retrying a failed model call (Serve is restarting a replica)
-MODEL_ATTEMPTS = 3  # calls a round's windows get when the model code raises on them, before device by device
 CLOSE_WAIT_S = 10.0  # how long an offline status waits for a device another worker is draining
 
 DeviceKey = tuple[str, str]  # (site, device)
@@ -133,7 +130,8 @@ class Pipeline:
                  acknowledge: Callable[[list], None] = lambda tickets: None):
         self.manifest, self.silence_code = manifest, silence_code
         self.store, self.log = store, device_log
-        self.code_lm, self.classifier = code_lm, classifier
+        self.models = ModelCalls(code_lm, classifier, manifest["classifier_config"]["window_frames"],
+                                 len(manifest["labels"]))
         self.mqtt, self.archive, self.discovery = mqtt, archive, discovery
         self.policies = policies  # replaced whole by Ingest.reconfigure: a round sees one version
         self.replica = replica
@@ -253,7 +251,7 @@ class Pipeline:
             slots.append(item_slots)
             contexts.append(context)
             spans.append((start, len(windows)))
-        probs, refused = self._classify(windows, spans, record)  # (N, L)
+        probs, refused = self.models.classify(windows, spans, record.counts)  # (N, L)
         for k, reason in refused.items():  # the models fail on this device's frames alone: set them aside
             slots[k] = [-1] * len(slots[k])  # committed as processed, no event logic on them
             self._dead_letter_items(peeks[k], reason)
@@ -298,67 +296,6 @@ class Pipeline:
                 if closed:
                     closed_events.append(self._event(peek.lease.site, peek.lease.device, label, closed))
         return {label: s.to_dict() for label, s in states.items()}, closed_events
-
-    def _classify(self, windows: list[np.ndarray], spans: list[tuple[int, int]],
-                  record: RoundRecord) -> tuple[np.ndarray, dict[int, str]]:
-        """(N, L) label probabilities of each context's last window, and the devices (indices
-        into ``spans``) whose windows the models refused, with the reason.
-
-        A model that is away (a dead replica Serve restarts, an overloaded router) is waited
-        for: the items wait at their heads. A model whose code raises on the input
-        (``RayTaskError``) gets ``MODEL_ATTEMPTS`` calls; then each device's windows go alone,
-        and a device the models still refuse is returned, so the round goes on without it."""
-        if not windows:
-            return np.zeros((0, len(self.labels)), dtype=np.float32), {}
-        refusals = 0
-        while True:
-            try:
-                return self._call_models(windows), {}
-            except RayTaskError as exc:
-                refusals += 1
-                if refusals >= MODEL_ATTEMPTS:
-                    log.warning("the models refused a round of %d windows %d times (%s); trying device by device",
-                                len(windows), refusals, _cause(exc))
-                    return self._classify_each(windows, spans, record)
-                self._model_retry(exc, len(windows), record)
-            except Exception as exc:  # RayActorError, a replica being replaced, ...
-                self._model_retry(exc, len(windows), record)
-
-    def _classify_each(self, windows: list[np.ndarray], spans: list[tuple[int, int]],
-                       record: RoundRecord) -> tuple[np.ndarray, dict[int, str]]:
-        probs = np.zeros((len(windows), len(self.labels)), dtype=np.float32)  # (N, L)
-        refused: dict[int, str] = {}
-        for k, (start, end) in enumerate(spans):
-            refusals = 0
-            while start < end:
-                try:
-                    probs[start:end] = self._call_models(windows[start:end])
-                    break
-                except RayTaskError as exc:  # alone, again and again: its own input is the cause
-                    refusals += 1
-                    if refusals >= MODEL_ATTEMPTS:
-                        refused[k] = _cause(exc)
-                        break
-                    self._model_retry(exc, end - start, record)
-                except Exception as exc:
-                    self._model_retry(exc, end - start, record)
-        return probs, refused
-
-    def _call_models(self, windows: list[np.ndarray]) -> np.ndarray:
-        responses = []
-        for i in range(0, len(windows), WINDOWS_PER_REQUEST):
-            chunk = windows[i : i + WINDOWS_PER_REQUEST]
-            states = self.code_lm.states.remote(chunk)  # chained: never comes back here
-            codes = np.stack([c[-self.window :] for c in chunk])  # (n, W)
-            responses.append(self.classifier.probs.remote(states, codes))
-        return np.concatenate([r.result() for r in responses])  # (N, L)
-
-    @staticmethod
-    def _model_retry(exc: Exception, n_windows: int, record: RoundRecord) -> None:
-        record.counts["model_retries"] += 1
-        log.warning("model call for %d windows failed (%s); retrying in %.1f s", n_windows, _cause(exc),
-                    MODEL_RETRY_S)
-        time.sleep(MODEL_RETRY_S)
 
     def _dead_letter_items(self, peek: Peek, reason: str) -> None:
         """A device's work items the models refuse: to the dead-letter stream (as device-log
@@ -444,10 +381,3 @@ class Pipeline:
         for item in inbound:
             if isinstance(item, Inbound):
                 self.store.dead_letter(reason, item.topic, item.payload)
-
-
-def _cause(exc: Exception) -> str:
-    """``Type: message`` of what went wrong (for a ``RayTaskError``, of the exception the
-    deployment raised), at most 300 characters."""
-    cause = getattr(exc, "cause", None) or exc
-    return f"{type(cause).__name__}: {cause}"[:300]

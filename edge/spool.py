@@ -53,7 +53,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.spool_recovery import HEADER, STATE_FILE, Segment, boot_id, read_record, recover, unlink_logged
+from edge.spool_recovery import (
+    HEADER,
+    STATE_FILE,
+    Segment,
+    boot_id,
+    read_record,
+    recover,
+    unlink_logged,
+)
 
 log = logging.getLogger(__name__)
 
