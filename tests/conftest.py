@@ -258,16 +258,31 @@ def cloud_app(ray_session, mqtt_url: str, redis_url: str) -> Iterator[CloudApp]:
     run_cloud(config)
     store = CloudStore(redis_url, config.key_prefix)
     yield CloudApp(config, f"http://127.0.0.1:{config.http_port}", store)
+    from cloud.app import APP_NAME
+
+    _remove_app(APP_NAME, config)
+
+
+def _remove_app(app: str, config) -> None:
+    """A test's Serve app gone for good: the app, its persistent ingest sessions (they would
+    collect the broker's frames for nobody) and its Redis keys."""
     from ray import serve
 
-    from cloud.app import APP_NAME
     from cloud.mqtt_session import forget_sessions
+    from cloud.store import CloudStore
 
-    serve.delete(APP_NAME)
-    forget_sessions(config)  # its persistent ingest session would collect the broker's frames for nobody
+    serve.delete(app)
+    forget_sessions(config)
+    store = CloudStore(config.redis_url, config.key_prefix)
     keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
     if keys:
         store.r.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def remove_app():
+    """``remove_app(app_name, cloud_config)``: see ``_remove_app``."""
+    return _remove_app
 
 
 @pytest.fixture

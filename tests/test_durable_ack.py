@@ -113,10 +113,9 @@ def _assert_each_frame_once(store, site: str, device: str, total: int) -> None:
 
 @pytest.mark.slow
 def test_frames_published_while_the_ingest_is_down_are_processed_when_it_returns(
-        cloud_app, mqtt_url, redis_url, mqtt_client_factory):
+        cloud_app, mqtt_url, redis_url, mqtt_client_factory, remove_app):
     from ray import serve
 
-    from cloud.mqtt_session import forget_sessions
     from cloud.store import CloudStore
     from soundfleet.config import CloudConfig
 
@@ -138,11 +137,7 @@ def test_frames_published_while_the_ingest_is_down_are_processed_when_it_returns
         stats = handle.stats.remote().result()
         assert stats["manual_ack"] and stats["acks_waiting"] == 0 and stats["acks_sent"] >= total
     finally:
-        serve.delete(app)
-        forget_sessions(config)
-        keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
-        if keys:
-            store.r.delete(*keys)
+        remove_app(app, config)
 
 
 @pytest.mark.slow

@@ -55,12 +55,11 @@ def _poison_classifier():
 
 @pytest.mark.slow
 def test_frames_the_models_refuse_are_dead_lettered_and_the_rest_flows(cloud_app, mqtt_url, redis_url,
-                                                                      mqtt_client_factory):
+                                                                      mqtt_client_factory, remove_app):
     from ray import serve
 
     from cloud.ingest import Ingest
     from cloud.models import CodeLM
-    from cloud.mqtt_session import forget_sessions
     from cloud.store import CloudStore
     from soundfleet.config import CloudConfig
 
@@ -101,8 +100,4 @@ def test_frames_the_models_refuse_are_dead_lettered_and_the_rest_flows(cloud_app
         assert int(store.metrics().get("rejected:model_error", 0)) == messages
         assert ingest.stats.remote().result()["stuck_seconds"] == 0  # nothing left retrying
     finally:
-        serve.delete(app)
-        forget_sessions(config)
-        keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
-        if keys:
-            store.r.delete(*keys)
+        remove_app(app, config)

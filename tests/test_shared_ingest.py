@@ -31,12 +31,11 @@ def _message(codebook_id: int, seq: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def shared_app(cloud_app, mqtt_url, redis_url):
+def shared_app(cloud_app, mqtt_url, redis_url, remove_app):
     """The cloud app again, with two ingest replicas in a fresh shared-subscription group."""
     from ray import serve
 
     from cloud.app import build_app
-    from cloud.mqtt_session import forget_sessions
     from cloud.store import CloudStore
     from soundfleet.config import CloudConfig
 
@@ -46,11 +45,7 @@ def shared_app(cloud_app, mqtt_url, redis_url):
     serve.run(build_app(config), name="sf-shared", route_prefix="/shared")
     store = CloudStore(redis_url, config.key_prefix)
     yield config, store
-    serve.delete("sf-shared")
-    forget_sessions(config)
-    keys = list(store.r.scan_iter(match=f"{config.key_prefix}*", count=500))
-    if keys:
-        store.r.delete(*keys)
+    remove_app("sf-shared", config)
 
 
 @pytest.mark.slow
