@@ -24,6 +24,7 @@ FastAPI serves the OpenAPI document at /openapi.json and /docs):
 import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request
@@ -32,7 +33,8 @@ from ray import serve
 
 from cloud import exposition, sse
 from cloud.classify import MAX_UPLOAD_BYTES, ClipClassifier, ClipError, upload_bytes
-from cloud.ingest import Ingest, ingest_readiness, label_policies
+from cloud.device_log import DeviceLog
+from cloud.ingest import Ingest, device_readiness, ingest_readiness, label_policies
 from cloud.models import Classifier, CodeLM
 from cloud.schemas import (
     STREAM_ID_RE,
@@ -93,6 +95,7 @@ class Api:
         self.config = config
         self.ingest = ingest
         self.store = CloudStore(config.redis_url, config.key_prefix)
+        self.device_log = DeviceLog(self.store.r, self.store.key, config.events_maxlen)  # /readyz reads it
         manifest = bundle.verify_bundle(bundle_dir)
         self.clips = ClipClassifier(bundle_dir, manifest, label_policies(config, manifest), code_lm, classifier)
         # one Redis client name for this app's event streams, so an operator can see them (CLIENT LIST)
@@ -123,9 +126,13 @@ class Api:
                 warnings.append(persistence_warning(persistence))
             return {"redis": True}
 
+        async def devices() -> dict:
+            longest = await asyncio.to_thread(self.device_log.waiting_longest, time.time_ns())
+            return {"devices": device_readiness(longest, self.config)}
+
         warnings: list[str] = []
-        names = (("mqtt", "ingest"), ("redis",), ("code_lm", "classifier"))
-        checks = (mqtt_and_ingest(), redis(), self.clips.probe())
+        names = (("mqtt", "ingest"), ("redis",), ("devices",), ("code_lm", "classifier"))
+        checks = (mqtt_and_ingest(), redis(), devices(), self.clips.probe())
         results = await asyncio.gather(*(asyncio.wait_for(c, READY_TIMEOUT_S) for c in checks),
                                        return_exceptions=True)
         outcome: dict[str, bool | str] = {}

@@ -320,3 +320,18 @@ class DeviceLog:
     def active_devices(self) -> list[tuple[str, str]]:
         """Devices with work waiting (for the sweeper)."""
         return [tuple(m.decode().split("/", 1)) for m in self.r.smembers(self.key("active"))]
+
+    def waiting_longest(self, now_ns: int) -> tuple[str, str, WorkItem, float] | None:
+        """The device whose oldest ready item has waited longest since the ingest received it:
+        (site, device, item, seconds), or None when no work waits. Two round trips whatever the
+        fleet size (the active set, then the head of each of its work lists)."""
+        devices = self.active_devices()
+        pipe = self.r.pipeline(transaction=False)
+        for site, device in devices:
+            pipe.lindex(self._keys("work", site, device), 0)
+        heads = [(site, device, WorkItem.from_bytes(raw))
+                 for (site, device), raw in zip(devices, pipe.execute(), strict=True) if raw]
+        if not heads:
+            return None
+        site, device, item = min(heads, key=lambda head: head[2].received_ns)
+        return site, device, item, (now_ns - item.received_ns) / 1e9

@@ -105,6 +105,15 @@ def ingest_readiness(stats: dict, config: CloudConfig) -> tuple[bool | str, list
     return True, warnings
 
 
+def device_readiness(longest: tuple[str, str, object, float] | None, config: CloudConfig) -> bool | str:
+    """/readyz's devices check from ``DeviceLog.waiting_longest``: True, or which device's ready
+    work has waited past ``ingest_stuck_after_s`` (nobody is processing it)."""
+    if longest is None or longest[3] <= config.ingest_stuck_after_s:
+        return True
+    site, device, item, waited_s = longest
+    return f"{site}/{device}: seq {item.seq} has waited {waited_s:.0f} s for processing"
+
+
 @serve.deployment(num_replicas=1)
 class Ingest:
     def __init__(self, config: CloudConfig, bundle_dir: str, code_lm, classifier):

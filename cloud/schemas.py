@@ -85,7 +85,7 @@ class Readiness(BaseModel):
 
     status: str = Field(description='"ready" or "not ready"')
     reason: str = Field("", description="why not ready: every failed check, separated by '; '")
-    checks: dict[str, bool] = Field(description="mqtt, ingest (rounds finishing, workers alive), redis, code_lm, classifier: did each check pass")
+    checks: dict[str, bool] = Field(description="mqtt, ingest (rounds finishing, workers alive), redis, devices (no device's work waiting past cloud.ingest_stuck_after_s), code_lm, classifier: did each check pass")
     warnings: list[str] = Field(default_factory=list, description="ready, but at risk: Redis runs without persistence, or the ingest lags behind capture")
 
 

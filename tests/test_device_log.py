@@ -130,3 +130,19 @@ def test_a_redis_that_lost_its_scripts_gets_them_again(log):
     assert log.commit(lease, [item], item.codes, {}, [])
     log.r.script_flush()
     assert log.release(lease)
+
+
+def test_the_device_waiting_longest_is_found_and_leaves_once_its_work_is_committed(log):
+    """/readyz fails on a device whose work nobody processes: this is how it finds one."""
+    now_ns = 100 * 10**9
+    assert log.waiting_longest(now_ns) is None
+    fresh = WorkItem(0, 1_000, now_ns - 10**8, np.zeros(4, np.uint16))  # received 0.1 s ago
+    stale = WorkItem(0, 1_000, now_ns - 45 * 10**9, np.zeros(4, np.uint16))  # 45 s ago
+    log.accept(SITE, "fresh", fresh, now_ms=0)
+    log.accept(SITE, "stale", stale, now_ms=0)
+    site, device, item, waited_s = log.waiting_longest(now_ns)
+    assert (site, device, item.seq, waited_s) == (SITE, "stale", 0, 45.0)
+    lease = log.lease(SITE, "stale")
+    items, _, _ = log.peek(lease, 10)
+    assert log.commit(lease, items, None, {}, []) and log.release(lease)
+    assert log.waiting_longest(now_ns)[1] == "fresh"

@@ -174,7 +174,8 @@ def test_readyz_is_200_when_mqtt_redis_and_both_models_answer(cloud_app):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ready" and body["reason"] == ""
-    assert body["checks"] == {"mqtt": True, "ingest": True, "redis": True, "code_lm": True, "classifier": True}
+    assert body["checks"] == {"mqtt": True, "ingest": True, "redis": True, "devices": True, "code_lm": True,
+                              "classifier": True}
     # ready, but it says so when the session's Redis would lose the devices' state on a restart
     # (the machine's Redis runs with --save "" --appendonly no)
     from cloud.store import persistence_warning

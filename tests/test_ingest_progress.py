@@ -1,9 +1,10 @@
-"""The ingest's lag gauge and /readyz's ingest check (issue 14: overload is lag, not loss,
-and health reflects progress). The same check against a real stalled ingest, with Redis
-stopped under it, is in test_redis_restart.py."""
+"""The ingest's lag gauge and /readyz's ingest and devices checks (issue 14: overload is lag,
+not loss, and health reflects progress). The ingest check against a real stalled ingest, with
+Redis stopped under it, is in test_redis_restart.py."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -51,3 +52,41 @@ def test_the_thresholds_must_be_positive():
 
     with pytest.raises(ConfigError, match="ingest_stuck_after_s"):
         CloudConfig(ingest_stuck_after_s=0).validate()
+
+
+def test_readyz_fails_while_a_devices_work_waits_unprocessed_and_recovers_after(cloud_app):
+    """A device whose ready work nobody processes (here: the test holds its lease, as a replica
+    that hung would) makes /readyz 503 with the device named; committed, it is ready again."""
+    import httpx
+    import numpy as np
+
+    from cloud.device_log import DeviceLog, WorkItem
+
+    log = DeviceLog(cloud_app.store.r, cloud_app.store.key, 100, lease_ms=60_000)
+    site, device = "itest", f"stuck-{time.time_ns() % 10**6}"
+    lease = log.lease(site, device)  # before any work: the ingest's sweeper cannot take it
+    try:
+        received_ns = time.time_ns() - 3600 * 10**9  # an hour ago
+        log.accept(site, device, WorkItem(0, received_ns, received_ns, np.zeros(40, np.uint16)), now_ms=0)
+        response = httpx.get(f"{cloud_app.http_url}/readyz", timeout=30)
+        body = response.json()
+        assert response.status_code == 503 and body["checks"]["devices"] is False, body
+        assert re.search(rf"devices: {site}/{device}: seq 0 has waited 36\d\d s for processing", body["reason"]), body
+    finally:
+        items, _, _ = log.peek(lease, 10)
+        log.commit(lease, items, None, {}, [])
+        log.release(lease)
+    body = httpx.get(f"{cloud_app.http_url}/readyz", timeout=30).json()
+    assert body["checks"]["devices"] is True, body
+
+
+def test_device_readiness_names_the_device_past_the_threshold():
+    from cloud.device_log import WorkItem
+    from cloud.ingest import device_readiness
+    from soundfleet.config import CloudConfig
+
+    config = CloudConfig(ingest_stuck_after_s=30.0)
+    item = WorkItem(7, 0, 0, None)
+    assert device_readiness(None, config) is True
+    assert device_readiness(("s", "d", item, 29.0), config) is True
+    assert device_readiness(("s", "d", item, 31.4), config) == "s/d: seq 7 has waited 31 s for processing"
